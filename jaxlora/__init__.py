@@ -1,0 +1,26 @@
+"""jaxlora: LoRA fine-tuning for JAX/Flax param trees."""
+
+from jaxlora.forward import apply
+from jaxlora.kernel_layout import Layout, KernelLayout, layout
+from jaxlora.optim import optimizer
+from jaxlora.transform import (LayerSummary, Summary, adapter, combine, merge, split, summary,
+                               unmerge, wrap)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KernelLayout",
+    "LayerSummary",
+    "Layout",
+    "Summary",
+    "adapter",
+    "apply",
+    "combine",
+    "layout",
+    "merge",
+    "optimizer",
+    "split",
+    "summary",
+    "unmerge",
+    "wrap",
+]

@@ -1,0 +1,109 @@
+"""Helpers for nested-dict param trees: paths, flattening, collection handling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+A_KEY = "lora_a"
+B_KEY = "lora_b"
+SCALE_KEY = "lora_scale"
+ADAPTER_KEYS = (A_KEY, B_KEY, SCALE_KEY)
+TRAINABLE_KEYS = (A_KEY, B_KEY)
+KERNEL_KEY = "kernel"
+
+Path = tuple[str, ...]
+
+
+def is_variables(tree: Any) -> bool:
+  """True when `tree` looks like linen variables (`{'params': {...}, ...}`)."""
+  return isinstance(tree, Mapping) and isinstance(tree.get("params"), Mapping)
+
+
+def get_params(tree: Mapping) -> Mapping:
+  """Returns the `params` collection, accepting both variables and params dicts."""
+  if not isinstance(tree, Mapping):
+    raise TypeError(
+        f"Expected a Flax param tree (a nested dict), got {type(tree).__name__}. "
+        "Pass `variables['params']` or the variables dict returned by `model.init`.")
+  return tree["params"] if is_variables(tree) else tree
+
+
+def with_params(tree: Mapping, params: dict) -> dict:
+  """Puts `params` back where `get_params` found it."""
+  if is_variables(tree):
+    out = dict(tree)
+    out["params"] = params
+    return out
+  return params
+
+
+def join(path: Path) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def iter_modules(params: Mapping, prefix: Path = ()) -> Iterator[tuple[Path, Mapping]]:
+  """Yields `(path, module_dict)` for every dict in the tree, depth first, sorted."""
+  yield prefix, params
+  for k in sorted(params, key=str):
+    v = params[k]
+    if isinstance(v, Mapping):
+      yield from iter_modules(v, prefix + (k,))
+
+
+def kernel_modules(params: Mapping) -> list[tuple[Path, Mapping]]:
+  """Module dicts that hold an array-like `kernel` leaf with at least 2 dims."""
+  out = []
+  for path, mod in iter_modules(params):
+    k = mod.get(KERNEL_KEY)
+    if k is not None and not isinstance(k, Mapping) and len(getattr(k, "shape", ())) >= 2:
+      out.append((path, mod))
+  return out
+
+
+def adapter_modules(params: Mapping) -> list[tuple[Path, Mapping]]:
+  """Module dicts that carry adapter leaves."""
+  return [(p, m) for p, m in iter_modules(params) if A_KEY in m]
+
+
+def filter_tree(tree: Mapping, keep: Callable[[str], bool], *, prune: bool) -> dict:
+  """Keeps the leaves whose key satisfies `keep`.
+
+  With `prune`, dicts left without any kept leaf are dropped (they never held
+  one); otherwise every dict of the original tree is kept, possibly empty.
+  """
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      sub = filter_tree(v, keep, prune=prune)
+      if sub or not prune:
+        out[k] = sub
+    elif keep(k):
+      out[k] = v
+  return out
+
+
+def merge_trees(a: Mapping, b: Mapping, path: Path = ()) -> dict:
+  """Deep union of two nested dicts whose leaves do not collide."""
+  out = dict(a)
+  for k, v in b.items():
+    if k in out:
+      if isinstance(out[k], Mapping) and isinstance(v, Mapping):
+        out[k] = merge_trees(out[k], v, path + (k,))
+      else:
+        raise ValueError(
+            f"Both trees hold a leaf at '{join(path + (k,))}'; combine expects the "
+            "two halves returned by `jaxlora.split`.")
+    else:
+      out[k] = v
+  return out
+
+
+def replace_modules(params: Mapping, new: Mapping[Path, dict], prefix: Path = ()) -> dict:
+  """Returns a copy of `params` where module dicts at the given paths are replaced."""
+  if prefix in new:
+    return new[prefix]
+  out = {}
+  for k, v in params.items():
+    out[k] = replace_modules(v, new, prefix + (k,)) if isinstance(v, Mapping) else v
+  return out

@@ -1,0 +1,156 @@
+"""The factored LoRA forward pass: ``y = base(x) + scale * (dropout(x) @ A) @ B``.
+
+`apply` runs a linen apply function inside `flax.linen.intercept_methods`.
+The interceptor is the single place that knows how each layer kind contracts
+its input; new layer kinds (quantized kernels, DoRA, stacked adapters) add an
+entry to `_HANDLERS` rather than flags in the interceptor.
+"""
+
+from __future__ import annotations
+
+import functools
+import string
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxlora import _tree
+from jaxlora import kernel_layout as layout_lib
+from jaxlora._tree import A_KEY, B_KEY, SCALE_KEY
+
+
+def _matmul_last(x, w, precision):
+  """Contracts the last axis of `x` with the first axis of `w`."""
+  return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+def _dense(module, args, kwargs, x, a, b, scale):
+  h = _matmul_last(x, a, module.precision) * scale
+  return _matmul_last(h, b, module.precision)
+
+
+def _dense_general(module, args, kwargs, x, a, b, scale):
+  axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+  axis = tuple(ax % x.ndim for ax in axis)
+  h = lax.dot_general(x, a, ((axis, tuple(range(len(axis)))), ((), ())),
+                      precision=module.precision) * scale
+  return _matmul_last(h, b, module.precision)
+
+
+def _einsum(module, args, kwargs, x, a, b, scale):
+  eq = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
+  lhs, rhs, out = layout_lib.einsum_parts(eq)
+  roles = layout_lib.einsum_roles(eq)
+  free = [c for c in string.ascii_letters if c not in lhs + rhs + out]
+  r = free[0]
+  shared = "".join(c for c, role in zip(rhs, roles) if role == layout_lib.BATCH)
+  ins = "".join(c for c, role in zip(rhs, roles) if role == layout_lib.IN)
+  outs = "".join(c for c, role in zip(rhs, roles) if role == layout_lib.OUT)
+  mid = "".join(c for c in lhs if c not in ins) + r
+  h = jnp.einsum(f"{lhs},{shared}{ins}{r}->{mid}", x, a, precision=module.precision) * scale
+  return jnp.einsum(f"{mid},{shared}{r}{outs}->{out}", h, b, precision=module.precision)
+
+
+# Layer kind -> function computing the LoRA term from the layer's input.
+_HANDLERS: dict[type, Callable[..., jax.Array]] = {
+    nn.Dense: _dense,
+    nn.DenseGeneral: _dense_general,
+    nn.Einsum: _einsum,
+}
+
+
+def _handler(module):
+  for cls in type(module).__mro__:
+    if cls in _HANDLERS:
+      return _HANDLERS[cls]
+  return None
+
+
+def _make_interceptor(dropout: float, reached: set[str]):
+  def interceptor(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name != "__call__" or not module.has_variable("params", A_KEY):
+      return y
+    handler = _handler(module)
+    if handler is None:
+      return y
+    reached.add(_tree.join(module.path))
+    x = args[0] if args else kwargs["inputs"]
+    dt = y.dtype  # the layer's compute dtype
+    a = module.get_variable("params", A_KEY).astype(dt)
+    b = module.get_variable("params", B_KEY).astype(dt)
+    scale = jnp.asarray(module.get_variable("params", SCALE_KEY)).astype(dt)
+    x = jnp.asarray(x).astype(dt)
+    if dropout > 0.0 and module.scope.has_rng("dropout"):
+      keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
+    return y + handler(module, args, kwargs, x, a, b, scale).astype(dt)
+  return interceptor
+
+
+def apply(apply_fn: Callable[..., Any], *, dropout: float = 0.0,
+          check_reached: bool = True) -> Callable[..., Any]:
+  """Makes a linen apply function compute the factored LoRA path.
+
+  Every ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Einsum`` call whose params
+  hold an adapter returns ``base(x) + scale * (dropout(x) @ A) @ B``, computed in
+  the layer's compute dtype, also inside ``nn.scan`` and ``nn.remat``. The full
+  ``W + scale * A @ B`` is never formed, so the backward pass computes no
+  kernel-sized gradient.
+
+  Dropout on the LoRA input is active when the call provides a ``'dropout'``
+  rng (``rngs={'dropout': key}``), as in training; without it (evaluation) the
+  LoRA input is used as is.
+
+  Args:
+    apply_fn: usually ``model.apply``; its first argument is the variables.
+    dropout: LoRA dropout rate in ``[0, 1)``.
+    check_reached: raise if an adapter in the variables was never used by a
+      call (a custom layer the interceptor cannot see). Skipped for calls with
+      ``method=``, which may run only part of the model.
+
+  Returns:
+    A function with ``apply_fn``'s signature.
+
+  Raises:
+    ValueError: on a bad dropout rate, or (when called) an adapter that no
+      layer reached.
+
+  >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxlora
+  >>> model = nn.Dense(3)
+  >>> x = jnp.ones((2, 4))
+  >>> params = model.init(jax.random.key(0), x)['params']
+  >>> wrapped = jaxlora.wrap(params, rank=2, targets='.*', key=jax.random.key(1))
+  >>> y = jaxlora.apply(model.apply)({'params': wrapped}, x)
+  >>> bool(jnp.array_equal(y, model.apply({'params': params}, x)))  # B starts at zero
+  True
+  """
+  if not callable(apply_fn):
+    raise TypeError(f"`apply_fn` must be callable (e.g. model.apply), got {apply_fn!r}.")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
+
+  @functools.wraps(apply_fn)
+  def lora_apply(*args, **kwargs):
+    reached: set[str] = set()
+    with nn.intercept_methods(_make_interceptor(dropout, reached)):
+      out = apply_fn(*args, **kwargs)
+    variables = args[0] if args else kwargs.get("variables")
+    if check_reached and "method" not in kwargs and isinstance(variables, Mapping):
+      params = variables.get("params", {})
+      have = {_tree.join(p) for p, _ in _tree.adapter_modules(params)}
+      missed = sorted(have - reached)
+      if missed:
+        raise ValueError(
+            f"Adapters at {missed[:5]} were never reached: no nn.Dense, nn.DenseGeneral or "
+            "nn.Einsum call used them (a custom layer doing its own matmul?). Exclude them "
+            "when wrapping, or run the model on `jaxlora.merge(tree)` (merge on the fly), "
+            "which works for any layer. Pass check_reached=False to skip this check.")
+    return out
+
+  return lora_apply

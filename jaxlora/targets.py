@@ -1,0 +1,72 @@
+"""The selection language shared by every function that picks layers.
+
+A selector is one of:
+  * a string: a preset name (``'all-linear'``) or a regular expression searched
+    (``re.search``) in the '/'-joined module path, e.g. ``r'attn/(q|k|v)$'``;
+  * a callable ``(path, kernel) -> bool`` taking that path and the kernel leaf;
+  * a tuple or list of selectors, matching when any of them matches.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Union
+
+from jaxlora import kernel_layout as layout_lib
+
+Selector = Union[str, Callable[[str, Any], bool], tuple, list]
+
+PRESETS = ("all-linear",)
+
+
+def compile_selector(sel: Selector | None, *, layout: layout_lib.Layout | None,
+                     what: str) -> Callable[[str, Any], bool]:
+  """Turns a selector into a predicate `(path, kernel) -> bool`."""
+  if sel is None:
+    return lambda path, kernel: False
+  if isinstance(sel, (tuple, list)):
+    preds = [compile_selector(s, layout=layout, what=what) for s in sel]
+    return lambda path, kernel: any(p(path, kernel) for p in preds)
+  if isinstance(sel, str):
+    if sel == "all-linear":
+      return _all_linear(layout)
+    try:
+      rx = re.compile(sel)
+    except re.error as e:
+      raise ValueError(f"`{what}` {sel!r} is neither a preset {PRESETS} nor a valid "
+                       f"regular expression ({e}).") from None
+    return lambda path, kernel: rx.search(path) is not None
+  if callable(sel):
+    return lambda path, kernel: bool(sel(path, kernel))
+  raise TypeError(
+      f"`{what}` must be a regex string, a preset {PRESETS}, a callable "
+      f"(path, kernel) -> bool, or a tuple of these; got {type(sel).__name__}: {sel!r}.")
+
+
+def _all_linear(layout: layout_lib.Layout | None) -> Callable[[str, Any], bool]:
+  def pred(path: str, kernel: Any) -> bool:
+    if layout is not None:
+      info = layout.kernels.get(path)
+      return info is not None and not info.is_head
+    # Without a layout only plain 2-D kernels are known to be Dense layers;
+    # `wrap` rejects N-D ones with a message that asks for a layout.
+    return not layout_lib._HEAD_NAME.search(path)
+  return pred
+
+
+def describe(sel: Selector | None) -> Any:
+  """A JSON-friendly description of a selector (for metadata and messages)."""
+  if sel is None or isinstance(sel, str):
+    return sel
+  if isinstance(sel, (tuple, list)):
+    return [describe(s) for s in sel]
+  return getattr(sel, "__name__", repr(sel))
+
+
+def match_pattern(patterns: Mapping[str, Any] | None, path: str, default: Any) -> Any:
+  """The value of the first pattern (regex, in insertion order) found in `path`."""
+  for pat, value in (patterns or {}).items():
+    if re.search(pat, path):
+      return value
+  return default

@@ -28,9 +28,54 @@ def _matmul_last(x, w, precision):
   return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
+import os
+_MODE = os.environ.get("JAXLORA_MODE", "naive")
+
+
+def _t(m):
+  return jnp.swapaxes(m, 0, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _lora_2d(x, a, b, scale, precision):
+  h = lax.dot(x, a, precision=precision) * scale
+  return lax.dot(h, b, precision=precision)
+
+
+def _lora_2d_fwd(x, a, b, scale, precision):
+  h = lax.dot(x, a, precision=precision)
+  hs = h * scale
+  return lax.dot(hs, b, precision=precision), (x, a, b, scale, h)
+
+
+def _lora_2d_bwd(precision, res, g):
+  x, a, b, scale, h = res
+  gb = lax.dot_general(g, b, (((1,), (1,)), ((), ())), precision=precision)  # (N, r)
+  gh = gb * scale
+  dx = lax.dot_general(gh, a, (((1,), (1,)), ((), ())), precision=precision)  # (N, din)
+  if _MODE == "vjp_t":
+    da = _t(lax.dot(_t(gh), x, precision=precision))  # (r, N) @ (N, din)
+    db = lax.dot(_t(h * scale), g, precision=precision)  # (r, N) @ (N, dout)
+  else:
+    da = lax.dot_general(x, gh, (((0,), (0,)), ((), ())), precision=precision)
+    db = lax.dot_general(h * scale, g, (((0,), (0,)), ((), ())), precision=precision)
+  dscale = jnp.sum(gb * h).astype(scale.dtype).reshape(scale.shape)
+  return dx, da, db, dscale
+
+
+_lora_2d.defvjp(_lora_2d_fwd, _lora_2d_bwd)
+
+
 def _dense(module, args, kwargs, x, a, b, scale):
-  h = _matmul_last(x, a, module.precision) * scale
-  return _matmul_last(h, b, module.precision)
+  if _MODE == "naive":
+    h = _matmul_last(x, a, module.precision) * scale
+    return _matmul_last(h, b, module.precision)
+  x2 = x.reshape(-1, x.shape[-1])
+  if _MODE == "flat":
+    y = lax.dot(lax.dot(x2, a, precision=module.precision) * scale, b, precision=module.precision)
+  else:
+    y = _lora_2d(x2, a, b, scale, module.precision)
+  return y.reshape(x.shape[:-1] + (b.shape[-1],))
 
 
 def _dense_general(module, args, kwargs, x, a, b, scale):

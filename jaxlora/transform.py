@@ -161,7 +161,7 @@ def wrap(params: PyTree, *, key: jax.Array, rank: int = 16, alpha: float | None 
           "interleave in a way that cannot be told apart from the shapes of A and B, "
           "so merge and export could not place them. Exclude this layer, or reorder the "
           "kernel axes in the model's einsum equation (batch, inputs, then outputs).")
-    adt = jnp.dtype(dtype) if dtype is not None else jnp.promote_types(kernel.dtype, jnp.float32)
+    adt = jnp.dtype(dtype) if dtype is not None else _wide(kernel.dtype)
     if init == "kaiming":
       bound = 1.0 / math.sqrt(n_in)
       lora_a = jax.random.uniform(k, a_shape, adt, -bound, bound)
@@ -176,6 +176,11 @@ def wrap(params: PyTree, *, key: jax.Array, rank: int = 16, alpha: float | None 
   return _tree.with_params(params, _tree.replace_modules(p, new_modules))
 
 
+def _wide(*dtypes: Any) -> np.dtype:
+  """float64 if any input is, else float32 (explicit: works under strict promotion)."""
+  return np.dtype(np.float64 if any(jnp.dtype(d) == np.float64 for d in dtypes) else np.float32)
+
+
 def _delta(path: str, kernel: Any, mod: Mapping) -> jax.Array:
   """`scale * A @ B` laid out like the kernel, in float32 or wider."""
   a, b, scale = mod[A_KEY], mod[B_KEY], jnp.asarray(mod[SCALE_KEY])
@@ -185,7 +190,7 @@ def _delta(path: str, kernel: Any, mod: Mapping) -> jax.Array:
   ins = [c for c, r in zip(letters, roles) if r == layout_lib.IN]
   outs = [c for c, r in zip(letters, roles) if r == layout_lib.OUT]
   eq = f"{''.join(shared + ins)}z,{''.join(shared)}z{''.join(outs)}->{''.join(letters)}"
-  ct = jnp.result_type(a.dtype, b.dtype, kernel.dtype, jnp.float32)
+  ct = _wide(a.dtype, b.dtype, kernel.dtype)
   d = jnp.einsum(eq, a.astype(ct), b.astype(ct), precision=jax.lax.Precision.HIGHEST)
   return d * scale.astype(ct).reshape(scale.shape + (1,) * (d.ndim - scale.ndim))
 
@@ -218,7 +223,7 @@ def merge(tree: PyTree) -> PyTree:
     path = _tree.join(path_t)
     kernel = mod[KERNEL_KEY]
     out = {k: v for k, v in mod.items() if k not in _tree.ADAPTER_KEYS}
-    wide = jnp.result_type(kernel.dtype, jnp.float32)
+    wide = _wide(kernel.dtype)
     out[KERNEL_KEY] = (kernel.astype(wide) + _delta(path, kernel, mod)).astype(kernel.dtype)
     new[path_t] = out
   return _tree.with_params(tree, _tree.replace_modules(p, new))
@@ -276,7 +281,7 @@ def unmerge(merged: PyTree, adapter_tree: PyTree) -> PyTree:
       raise ValueError(
           f"Adapter at '{path}' has lora_scale {tuple(scale.shape)} but the kernel is "
           f"{tuple(kernel.shape)}; the adapter belongs to another model.")
-    wide = jnp.result_type(kernel.dtype, jnp.float32)
+    wide = _wide(kernel.dtype)
     out = dict(node)
     out[KERNEL_KEY] = (kernel.astype(wide) - _delta(path, kernel, amod)).astype(kernel.dtype)
     for k in _tree.ADAPTER_KEYS:

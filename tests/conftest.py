@@ -7,6 +7,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# The library must not rely on implicit rank broadcasting. (Strict dtype
+# promotion is checked in test_forward; flax's own LayerNorm needs the default.)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
 
 @pytest.fixture
 def rng():

@@ -185,6 +185,19 @@ def test_bf16_base_with_fp32_adapters():
   assert float(jnp.abs(g["params"]["fc1"]["lora_a"]).sum()) > 0
 
 
+def test_library_works_under_strict_dtype_promotion():
+  x = jnp.ones((3, 4), jnp.bfloat16)
+  model = MLP(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  with jax.numpy_dtype_promotion("strict"):
+    v = model.init(jax.random.key(0), x)
+    w = randomize_adapters(jaxlora.wrap(v, rank=2, key=jax.random.key(1)), jax.random.key(2))
+    y = jaxlora.apply(model.apply, dropout=0.1)(w, x, rngs={"dropout": jax.random.key(3)})
+    merged = jaxlora.merge(w)
+    back = jaxlora.unmerge(merged, w)
+  assert y.dtype == jnp.bfloat16 and merged["params"]["fc1"]["kernel"].dtype == jnp.bfloat16
+  assert back["params"]["fc1"]["kernel"].dtype == jnp.bfloat16
+
+
 def test_dropout_uses_the_dropout_rng():
   x = jnp.ones((64, 4))
   model = MLP()

@@ -1,5 +1,6 @@
 """jaxlora: LoRA fine-tuning for JAX/Flax param trees."""
 
+from jaxlora import models
 from jaxlora.forward import apply
 from jaxlora.kernel_layout import Layout, KernelLayout, layout
 from jaxlora.optim import optimizer
@@ -18,6 +19,7 @@ __all__ = [
     "combine",
     "layout",
     "merge",
+    "models",
     "optimizer",
     "split",
     "summary",

@@ -1,0 +1,7 @@
+"""Flax decoders (GPT-2, Llama family) that read and write Hugging Face checkpoints."""
+
+from jaxlora.models.config import ModelConfig
+from jaxlora.models.decoder import Decoder, init_cache
+from jaxlora.models.hub import from_pretrained, init, save_pretrained
+
+__all__ = ["Decoder", "ModelConfig", "from_pretrained", "init", "init_cache", "save_pretrained"]

@@ -1,0 +1,276 @@
+"""Flax (linen) decoders for GPT-2 and the Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3).
+
+Layers are stacked with `nn.scan` (one kernel per projection with a leading
+layer axis) and optionally rematerialised. Module names follow the Hugging Face
+checkpoints (`self_attn/q_proj`, `mlp/down_proj`, GPT-2's `attn/c_attn`), so
+target regexes and PEFT key names carry over. Kernels carry logical axis names
+for sharding (`nn.with_logical_partitioning`); `model.init` therefore returns
+boxed params: use `flax.linen.unbox` (or `jaxlora.models.init`) for plain arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.models.config import ModelConfig
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _init(axes: tuple[str, ...], std: float = 0.02):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+class RMSNorm(nn.Module):
+  """Llama's RMSNorm: normalise in float32, cast back, then scale."""
+  eps: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * h.astype(self.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse RoPE frequencies, with the checkpoint's rope scaling."""
+  d = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+  if cfg.rope_type == "linear":
+    inv = inv / cfg.rope_factor
+  elif cfg.rope_type == "llama3":
+    factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old = cfg.rope_original_max_position_embeddings
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)
+
+
+def _rotate_half(x):
+  h = x.shape[-1] // 2
+  return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def _apply_rope(x, cos, sin):
+  return x * cos[:, :, None, :] + _rotate_half(x) * sin[:, :, None, :]
+
+
+def _dense(mod, features, axes, name, bias):
+  return nn.Dense(features, use_bias=bias, dtype=mod.dtype, param_dtype=mod.param_dtype,
+                  kernel_init=_init(axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+                  name=name)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with grouped KV heads, RoPE (Llama) and an optional KV cache."""
+  config: ModelConfig
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, h, ctx, layer_cache):
+    cfg = self.config
+    mask, cos, sin, index = ctx
+    b, t, _ = h.shape
+    n, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    if cfg.is_gpt2:
+      qkv = _dense(self, 3 * n * hd, ("embed", "qkv"), "c_attn", True)(h)
+      q, k, v = jnp.split(qkv, 3, axis=-1)
+    else:
+      q = _dense(self, n * hd, ("embed", "heads"), "q_proj", cfg.qkv_bias)(h)
+      k = _dense(self, kv * hd, ("embed", "kv_heads"), "k_proj", cfg.qkv_bias)(h)
+      v = _dense(self, kv * hd, ("embed", "kv_heads"), "v_proj", cfg.qkv_bias)(h)
+    q = q.reshape(b, t, n, hd)
+    k = k.reshape(b, t, kv, hd)
+    v = v.reshape(b, t, kv, hd)
+    if cfg.qk_norm:
+      q = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="q_norm")(q)
+      k = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
+    if cos is not None:
+      q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+    new_cache = None
+    if layer_cache is not None:
+      ck, cv = layer_cache
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+      new_cache = (ck, cv)
+      k, v = ck.astype(self.dtype), cv.astype(self.dtype)
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(hd))
+    o = o.reshape(b, t, n * hd)
+    if cfg.is_gpt2:
+      return _dense(self, cfg.hidden_size, ("heads", "embed"), "c_proj", True)(o), new_cache
+    return _dense(self, cfg.hidden_size, ("heads", "embed"), "o_proj", cfg.o_bias)(o), new_cache
+
+
+class MLP(nn.Module):
+  """GPT-2's GELU MLP or Llama's SwiGLU."""
+  config: ModelConfig
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, h):
+    cfg = self.config
+    if cfg.is_gpt2:
+      h = _dense(self, cfg.intermediate_size, ("embed", "mlp"), "c_fc", True)(h)
+      h = jax.nn.gelu(h, approximate=cfg.activation != "gelu")
+      return _dense(self, cfg.hidden_size, ("mlp", "embed"), "c_proj", True)(h)
+    g = _dense(self, cfg.intermediate_size, ("embed", "mlp"), "gate_proj", cfg.mlp_bias)(h)
+    u = _dense(self, cfg.intermediate_size, ("embed", "mlp"), "up_proj", cfg.mlp_bias)(h)
+    return _dense(self, cfg.hidden_size, ("mlp", "embed"), "down_proj", cfg.mlp_bias)(
+        jax.nn.silu(g) * u)
+
+
+class Block(nn.Module):
+  """One pre-norm decoder layer; `nn.scan` carries `x` and maps over the KV cache."""
+  config: ModelConfig
+  dtype: Any
+  param_dtype: Any
+
+  def _norm(self, name):
+    cfg = self.config
+    if cfg.is_gpt2:
+      return nn.LayerNorm(cfg.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                          use_fast_variance=False, name=name)
+    return RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name=name)
+
+  @nn.compact
+  def __call__(self, x, ctx, layer_cache):
+    gpt2 = self.config.is_gpt2
+    h = self._norm("ln_1" if gpt2 else "input_layernorm")(x)
+    o, new_cache = Attention(self.config, self.dtype, self.param_dtype,
+                             name="attn" if gpt2 else "self_attn")(h, ctx, layer_cache)
+    x = x + o
+    h = self._norm("ln_2" if gpt2 else "post_attention_layernorm")(x)
+    return x + MLP(self.config, self.dtype, self.param_dtype, name="mlp")(h), new_cache
+
+
+class Decoder(nn.Module):
+  """A causal language model: token ids in, logits out.
+
+  Attributes:
+    config: the architecture (`ModelConfig`, usually from `from_pretrained`).
+    dtype: compute dtype (bfloat16 on accelerators, float32 on CPU).
+    param_dtype: dtype of freshly initialised params.
+    remat: None, or a rematerialisation policy name: 'full', 'dots', 'dots_no_batch'.
+  """
+  config: ModelConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  remat: str | None = None
+
+  @nn.compact
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+               position_ids: Array | None = None, cache: dict | None = None):
+    """Logits `(batch, seq, vocab)`; with `cache`, also the updated cache.
+
+    Args:
+      input_ids: int `(batch, seq)`.
+      attention_mask: `(batch, seq)`, 1 for tokens and 0 for padding (either side).
+      position_ids: `(batch, seq)`; by default counted from the first real token.
+      cache: from `init_cache`; new keys and values are written at `cache['index']`.
+    """
+    cfg = self.config
+    b, t = input_ids.shape
+    valid = (jnp.ones((b, t), bool) if attention_mask is None
+             else jnp.asarray(attention_mask).astype(bool))
+    if cache is None:
+      index = jnp.zeros((), jnp.int32)
+      key_valid = valid
+      q_slot = jnp.arange(t)
+      k_slot = jnp.arange(t)
+      if position_ids is None:
+        position_ids = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+    else:
+      index = cache["index"]
+      key_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
+      q_slot = index + jnp.arange(t)
+      k_slot = jnp.arange(key_valid.shape[1])
+      if position_ids is None:
+        position_ids = jnp.broadcast_to(cache["next_position"][:, None] + jnp.arange(t), (b, t))
+    allowed = k_slot[None, :] <= q_slot[:, None]
+    if cfg.sliding_window is not None:
+      allowed &= q_slot[:, None] - k_slot[None, :] < cfg.sliding_window
+    mask = allowed[None, None, :, :] & key_valid[:, None, None, :]
+
+    embed_name = "wte" if cfg.is_gpt2 else "embed_tokens"
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+                     param_dtype=self.param_dtype,
+                     embedding_init=_init(("vocab", "embed")), name=embed_name)
+    x = embed(input_ids)
+    if cfg.is_gpt2:
+      wpe = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
+                     param_dtype=self.param_dtype, embedding_init=_init((None, "embed"), 0.01),
+                     name="wpe")
+      x = x + wpe(position_ids)
+      cos = sin = None
+    else:
+      freqs = position_ids[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))
+      emb = jnp.concatenate([freqs, freqs], axis=-1)
+      cos, sin = jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
+
+    block = Block
+    if self.remat is not None:
+      if self.remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)} or None.")
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(nn.broadcast, 0), length=cfg.num_hidden_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    layer_cache = None if cache is None else (cache["k"], cache["v"])
+    x, new_kv = stack(cfg, self.dtype, self.param_dtype, name="h" if cfg.is_gpt2 else "layers")(
+        x, (mask, cos, sin, index), layer_cache)
+
+    if cfg.is_gpt2:
+      x = nn.LayerNorm(cfg.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                       use_fast_variance=False, name="ln_f")(x)
+    else:
+      x = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="norm")(x)
+    if cfg.tie_word_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
+                        param_dtype=self.param_dtype, kernel_init=_init(("embed", "vocab")),
+                        name="lm_head")(x)
+    if cache is None:
+      return logits
+    n_new = jnp.sum(valid, axis=-1).astype(jnp.int32)
+    new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": key_valid, "index": index + t,
+                 "next_position": cache["next_position"] + n_new}
+    return logits, new_cache
+
+
+def init_cache(config: ModelConfig, batch: int, max_length: int, dtype: Any = jnp.float32) -> dict:
+  """An empty KV cache for `batch` sequences of up to `max_length` tokens.
+
+  >>> from jaxlora.models import ModelConfig, init_cache
+  >>> cfg = ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> init_cache(cfg, batch=3, max_length=10)["k"].shape
+  (2, 3, 10, 2, 4)
+  """
+  shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads,
+           config.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "valid": jnp.zeros((batch, max_length), bool), "index": jnp.zeros((), jnp.int32),
+          "next_position": jnp.zeros((batch,), jnp.int32)}

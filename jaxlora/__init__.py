@@ -2,6 +2,7 @@
 
 from jaxlora import models
 from jaxlora.forward import apply
+from jaxlora.generation import generate
 from jaxlora.kernel_layout import Layout, KernelLayout, layout
 from jaxlora.optim import optimizer
 from jaxlora.transform import (LayerSummary, Summary, adapter, combine, merge, split, summary,
@@ -17,6 +18,7 @@ __all__ = [
     "adapter",
     "apply",
     "combine",
+    "generate",
     "layout",
     "merge",
     "models",

@@ -1,8 +1,12 @@
 """The selection language shared by every function that picks layers.
 
 A selector is one of:
-  * a string: a preset name (``'all-linear'``) or a regular expression searched
-    (``re.search``) in the '/'-joined module path, e.g. ``r'attn/(q|k|v)$'``;
+  * a string: a preset name or a regular expression searched (``re.search``) in
+    the '/'-joined module path, e.g. ``r'attn/(q|k|v)$'``. Presets:
+    ``'all-linear'`` (every Dense-like kernel but the output head),
+    ``'attention'`` (q/k/v/o projections: Llama's ``q_proj`` ... ``o_proj``,
+    GPT-2's ``attn/c_attn`` and ``attn/c_proj``) and ``'mlp'`` (``gate_proj``,
+    ``up_proj``, ``down_proj``; GPT-2's ``mlp/c_fc`` and ``mlp/c_proj``);
   * a callable ``(path, kernel) -> bool`` taking that path and the kernel leaf;
   * a tuple or list of selectors, matching when any of them matches.
 """
@@ -17,7 +21,12 @@ from jaxlora import kernel_layout as layout_lib
 
 Selector = Union[str, Callable[[str, Any], bool], tuple, list]
 
-PRESETS = ("all-linear",)
+# Presets for the jaxlora.models naming (which follows Hugging Face's).
+_NAMED = {
+    "attention": r"(^|/)(self_attn|attn)/(q_proj|k_proj|v_proj|o_proj|c_attn|c_proj)$",
+    "mlp": r"(^|/)mlp/(gate_proj|up_proj|down_proj|c_fc|c_proj)$",
+}
+PRESETS = ("all-linear",) + tuple(_NAMED)
 
 
 def compile_selector(sel: Selector | None, *, layout: layout_lib.Layout | None,
@@ -31,6 +40,8 @@ def compile_selector(sel: Selector | None, *, layout: layout_lib.Layout | None,
   if isinstance(sel, str):
     if sel == "all-linear":
       return _all_linear(layout)
+    if sel in _NAMED:
+      sel = _NAMED[sel]
     try:
       rx = re.compile(sel)
     except re.error as e:

@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,7 +84,9 @@ def wrap(params: PyTree, *, key: jax.Array, rank: int = 16, alpha: float | None 
       or ``'gaussian'`` (A ~ N(0, 1/r)).
     dtype: adapter dtype; default float32 for low-precision kernels, else the
       kernel's dtype.
-    layout: from `jaxlora.layout`; needed for kernels with more than two axes.
+    layout: from `jaxlora.layout`, or a model that provides one
+      (``layout=model`` for `jaxlora.models.Decoder`); needed for kernels with
+      more than two axes (N-D and ``nn.scan``-stacked).
 
   Returns:
     A new tree of the same form with the adapter leaves added.
@@ -108,8 +111,16 @@ def wrap(params: PyTree, *, key: jax.Array, rank: int = 16, alpha: float | None 
   if key is None:
     raise TypeError("`wrap` needs a PRNG key: jaxlora.wrap(params, key=jax.random.key(0)).")
   if layout is not None and not isinstance(layout, layout_lib.Layout):
-    raise TypeError(f"`layout` must come from jaxlora.layout(...), got {type(layout).__name__}.")
+    if not callable(getattr(layout, "lora_layout", None)):
+      raise TypeError(f"`layout` must come from jaxlora.layout(...) or be a model with a "
+                      f"`lora_layout(params)` method (jaxlora.models.Decoder); got "
+                      f"{type(layout).__name__}.")
+    layout = layout.lora_layout(params)
   p = _tree.get_params(params)
+  boxed = jax.tree.leaves(p, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  if any(isinstance(x, nn.meta.AxisMetadata) for x in boxed):
+    raise TypeError("The params hold boxed leaves (nn.LogicallyPartitioned from model.init); "
+                    "unbox them first: params = flax.linen.unbox(params).")
   wrapped = _tree.adapter_modules(p)
   if wrapped:
     raise ValueError(

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import _tree
+from jaxlora import kernel_layout
 from jaxlora.models.config import ModelConfig
 
 Array = jax.Array
@@ -180,6 +182,10 @@ class Decoder(nn.Module):
   param_dtype: Any = jnp.float32
   remat: str | None = None
 
+  def lora_layout(self, params) -> kernel_layout.Layout:
+    """The kernel layout of this model, so that ``jaxlora.wrap(..., layout=model)`` works."""
+    return _lora_layout(self, params)
+
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                position_ids: Array | None = None, cache: dict | None = None):
@@ -207,8 +213,9 @@ class Decoder(nn.Module):
       key_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
       q_slot = index + jnp.arange(t)
       k_slot = jnp.arange(key_valid.shape[1])
-      if position_ids is None:
-        position_ids = jnp.broadcast_to(cache["next_position"][:, None] + jnp.arange(t), (b, t))
+      if position_ids is None:  # continue each row from its last real token
+        position_ids = cache["next_position"][:, None] + jnp.maximum(
+            jnp.cumsum(valid, axis=-1) - 1, 0)
     allowed = k_slot[None, :] <= q_slot[:, None]
     if cfg.sliding_window is not None:
       allowed &= q_slot[:, None] - k_slot[None, :] < cfg.sliding_window
@@ -259,6 +266,11 @@ class Decoder(nn.Module):
     new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": key_valid, "index": index + t,
                  "next_position": cache["next_position"] + n_new}
     return logits, new_cache
+
+
+def _lora_layout(model: "Decoder", params) -> kernel_layout.Layout:
+  ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  return kernel_layout.layout(model.apply, {"params": _tree.get_params(params)}, ids)
 
 
 def init_cache(config: ModelConfig, batch: int, max_length: int, dtype: Any = jnp.float32) -> dict:

@@ -107,7 +107,7 @@ def _einsum(module, args, kwargs, x, a, b, scale):
     y = _lowrank(xt.reshape(n_s, -1, n_in), a.reshape(n_s, n_in, r),
                  b.reshape(n_s, r, -1), scale, module.precision)
     y = y.reshape(tuple(size[c] for c in shared + free) + b.shape[len(shared) + 1:])
-  have = shared + free + outs if shared else free + outs
+  have = shared + free + outs  # the axis order of `y`
   perm = [have.index(c) for c in out]
   return jnp.transpose(y, perm) if perm != list(range(y.ndim)) else y
 

@@ -37,7 +37,7 @@ def _generate(model, params, input_ids, mask, key, *, max_new_tokens, temperatur
   variables = {"params": params}
   cache = init_cache(model.config, b, t + max_new_tokens, model.dtype)
   logits, cache = fn(variables, input_ids, attention_mask=mask, cache=cache)
-  last = jnp.max(jnp.where(mask, jnp.arange(t), 0), axis=-1)
+  last = jnp.max(jnp.where(mask, jnp.arange(t)[None, :], 0), axis=-1)
   logits = logits[jnp.arange(b), last]
   eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
 

@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
                        (x.shape[-1],), self.param_dtype)
     h = x.astype(jnp.float32)
     h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-    return scale.astype(self.dtype) * h.astype(self.dtype)
+    return scale.astype(self.dtype).reshape((1,) * (h.ndim - 1) + (-1,)) * h.astype(self.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -233,7 +233,8 @@ class Decoder(nn.Module):
       x = x + wpe(position_ids)
       cos = sin = None
     else:
-      freqs = position_ids[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))
+      freqs = (position_ids[..., None].astype(jnp.float32)
+               * jnp.asarray(rope_inv_freq(cfg))[None, None, :])
       emb = jnp.concatenate([freqs, freqs], axis=-1)
       cos, sin = jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
 

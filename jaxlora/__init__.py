@@ -1,6 +1,7 @@
 """jaxlora: LoRA fine-tuning for JAX/Flax param trees."""
 
 from jaxlora import models
+from jaxlora import peft
 from jaxlora.forward import apply
 from jaxlora.generation import generate
 from jaxlora.kernel_layout import Layout, KernelLayout, layout
@@ -23,6 +24,7 @@ __all__ = [
     "merge",
     "models",
     "optimizer",
+    "peft",
     "split",
     "summary",
     "unmerge",

@@ -290,3 +290,34 @@ def init(model: Decoder, key: jax.Array) -> dict:
   (2, 16, 8)
   """
   return nn.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32)))["params"]
+
+
+def hf_module_name(config: ModelConfig, module_path: tuple[str, ...], layer: int | None) -> str:
+  """The PyTorch module name of a flax module, e.g. 'model.layers.3.self_attn.q_proj'.
+
+  >>> import jaxlora
+  >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> hf_module_name(cfg, ("layers", "self_attn", "q_proj"), 3)
+  'model.layers.3.self_attn.q_proj'
+  """
+  prefix = "transformer." if config.is_gpt2 else ""
+  return _hf_name(config, tuple(module_path) + ("kernel",), layer, prefix)[: -len(".weight")]
+
+
+def flax_module_path(config: ModelConfig, name: str) -> tuple[tuple[str, ...], int | None]:
+  """Inverse of `hf_module_name`: ``(module path, layer or None)``.
+
+  >>> import jaxlora
+  >>> cfg = jaxlora.models.ModelConfig("gpt2", 32, 16, 2, 4, 4, 4, 64, 64, 1e-5, True)
+  >>> flax_module_path(cfg, "transformer.h.1.mlp.c_fc")
+  (('h', 'mlp', 'c_fc'), 1)
+  """
+  parts = name.split(".")
+  if config.is_gpt2 and parts[0] == "transformer":
+    parts = parts[1:]
+  elif not config.is_gpt2 and parts[0] == "model":
+    parts = parts[1:]
+  scan = _scan_name(config)
+  if len(parts) > 2 and parts[0] == scan and parts[1].isdigit():
+    return (scan,) + tuple(parts[2:]), int(parts[1])
+  return tuple(parts), None

@@ -2,6 +2,8 @@
 
 from jaxlora import models
 from jaxlora import peft
+from jaxlora import sharding
+from jaxlora.checkpoint import CheckpointManager, load, save
 from jaxlora.forward import apply
 from jaxlora.generation import generate
 from jaxlora.kernel_layout import Layout, KernelLayout, layout
@@ -12,6 +14,7 @@ from jaxlora.transform import (LayerSummary, Summary, adapter, combine, merge, s
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointManager",
     "KernelLayout",
     "LayerSummary",
     "Layout",
@@ -21,10 +24,13 @@ __all__ = [
     "combine",
     "generate",
     "layout",
+    "load",
     "merge",
     "models",
     "optimizer",
     "peft",
+    "save",
+    "sharding",
     "split",
     "summary",
     "unmerge",

@@ -1,0 +1,175 @@
+"""Adapter checkpoints (Orbax) and training resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jaxlora
+from conftest import randomize_adapters
+from models import MLP, Stack
+
+KEY = jax.random.key(0)
+HERE = os.path.dirname(__file__)
+
+
+def _wrapped(dtype=None):
+  m = Stack()
+  x = jnp.zeros((2, 5), jnp.int32)
+  v = m.init(KEY, x)
+  w = jaxlora.wrap(v, rank=3, key=KEY, layout=jaxlora.layout(m.apply, v, x), dtype=dtype,
+                   rank_pattern={"up": 2}, alpha_pattern={"down": 5.0})
+  return v, randomize_adapters(w, jax.random.key(1))
+
+
+def _bits(x):
+  return np.asarray(x).view(np.uint8)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_round_trip_is_bit_exact(tmp_path, dtype):
+  v, w = _wrapped(dtype)
+  jaxlora.save(str(tmp_path / "a"), w, metadata={"lr": 1e-3, "note": "x"})
+  back = jaxlora.load(str(tmp_path / "a"), v)
+  assert jax.tree.structure(back) == jax.tree.structure(w)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(w)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(_bits(a), _bits(b))
+  rec = jaxlora.checkpoint.info(str(tmp_path / "a"))
+  assert rec["metadata"] == {"lr": 1e-3, "note": "x"}
+  assert rec["layers"]["layers/up"]["rank"] == 2
+  assert rec["layers"]["layers/down"]["scale"] == [float(np.float32(5.0 / 3))] * 3
+  assert rec["base_fingerprint"] == jaxlora.checkpoint.fingerprint(v)
+  assert rec["jaxlora_version"] == jaxlora.__version__
+  # Only the adapter is on disk: the files are about the size of A and B, not the base.
+  size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(tmp_path / "a") for f in fs)
+  adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(jaxlora.adapter(w)))
+  assert size < adapter_bytes + 200_000
+
+
+def test_load_onto_a_base_that_does_not_fit(tmp_path):
+  v, w = _wrapped()
+  jaxlora.save(str(tmp_path / "a"), w)
+  other = Stack(d=12).init(KEY, jnp.zeros((2, 5), jnp.int32))
+  with pytest.raises(ValueError, match=r"'layers/attn/k'.*\(3, 8, 2, 4\).*\(3, 12, 2, 4\)"):
+    jaxlora.load(str(tmp_path / "a"), other)
+  mlp = MLP().init(KEY, jnp.ones((1, 4)))
+  with pytest.raises(ValueError, match="'layers/attn/k' that the base params do not have"):
+    jaxlora.load(str(tmp_path / "a"), mlp)
+  with pytest.raises(ValueError, match="already hold an adapter"):
+    jaxlora.load(str(tmp_path / "a"), w)
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+  v, w = _wrapped()
+  with pytest.raises(FileNotFoundError, match="No adapter checkpoint"):
+    jaxlora.load(str(tmp_path / "nope"), v)
+  jaxlora.save(str(tmp_path / "a"), w)
+  os.remove(tmp_path / "a" / "jaxlora.json")
+  with pytest.raises(ValueError, match="jaxlora.json is missing"):
+    jaxlora.load(str(tmp_path / "a"), v)
+  jaxlora.save(str(tmp_path / "b"), w)
+  (tmp_path / "b" / "jaxlora.json").write_text("{not json")
+  with pytest.raises(ValueError, match="jaxlora.json is corrupt"):
+    jaxlora.load(str(tmp_path / "b"), v)
+  jaxlora.save(str(tmp_path / "c"), w)
+  import shutil
+  shutil.rmtree(tmp_path / "c" / "adapter")
+  with pytest.raises(ValueError, match="Could not read the adapter arrays in .*c/adapter"):
+    jaxlora.load(str(tmp_path / "c"), v)
+
+
+def test_interrupted_save_leaves_nothing_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+  v, w = _wrapped()
+  jaxlora.save(str(tmp_path / "a"), w)
+  w2 = randomize_adapters(w, jax.random.key(9))
+
+  def boom(*args, **kwargs):
+    raise KeyboardInterrupt("killed mid-save")
+
+  monkeypatch.setattr(ocp.StandardCheckpointer, "wait_until_finished", boom)
+  with pytest.raises(KeyboardInterrupt):
+    jaxlora.save(str(tmp_path / "a"), w2)
+  with pytest.raises(KeyboardInterrupt):
+    jaxlora.save(str(tmp_path / "new"), w2)
+  monkeypatch.undo()
+  assert sorted(os.listdir(tmp_path)) == ["a"]  # no temporary or half-written directories
+  back = jaxlora.load(str(tmp_path / "a"), v)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(w)):
+    np.testing.assert_array_equal(a, b)
+  jaxlora.save(str(tmp_path / "a"), w2)  # a completed save replaces it
+  back = jaxlora.load(str(tmp_path / "a"), v)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(w2)):
+    np.testing.assert_array_equal(a, b)
+  assert sorted(os.listdir(tmp_path)) == ["a"]
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices, as in CI")
+def test_load_onto_a_sharded_base_places_adapter_shards(tmp_path):
+  v, w = _wrapped()
+  jaxlora.save(str(tmp_path / "a"), w)
+  mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+  def place(kp, x):
+    if kp[-1].key == "kernel" and x.ndim == 3:  # (layers, in, out)
+      return jax.device_put(x, NamedSharding(mesh, P(None, "fsdp", "tensor")))
+    return jax.device_put(x, NamedSharding(mesh, P()))
+
+  sharded = jax.tree_util.tree_map_with_path(place, v)
+  back = jaxlora.load(str(tmp_path / "a"), sharded)
+  up = back["params"]["layers"]["up"]
+  assert up["lora_a"].sharding.spec == P(None, "fsdp", None)
+  assert up["lora_b"].sharding.spec == P(None, None, "tensor")
+  assert {s.data.shape for s in up["lora_a"].addressable_shards} == {(3, 2, 2)}  # 8/4 rows each
+  np.testing.assert_array_equal(up["lora_a"], w["params"]["layers"]["up"]["lora_a"])
+  # Explicit shardings win.
+  repl = jax.tree.map(lambda _: NamedSharding(mesh, P()), jaxlora.adapter(w))
+  back = jaxlora.load(str(tmp_path / "a"), sharded, shardings=repl)
+  assert back["params"]["layers"]["up"]["lora_a"].sharding.spec == P()
+
+
+def _run(run_dir, steps, sleep=0.0):
+  return subprocess.Popen([sys.executable, os.path.join(HERE, "resumable_train.py"), str(run_dir),
+                           str(steps), "--sleep", str(sleep)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "XLA_FLAGS": ""})
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+  steps = 12
+  ref = _run(tmp_path / "ref", steps)
+  out, _ = ref.communicate(timeout=600)
+  assert ref.returncode == 0, out
+  proc = _run(tmp_path / "killed", steps, sleep=0.3)
+  seen = []
+  for line in proc.stdout:
+    seen.append(line)
+    if line.startswith("step 7 "):
+      proc.send_signal(signal.SIGKILL)
+      break
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, "".join(seen)
+  assert not os.path.exists(tmp_path / "killed" / "final")
+  resumed = _run(tmp_path / "killed", steps)
+  out2, _ = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, out2
+  assert "resumed at " in out2 and int(out2.split("resumed at ")[1].split()[0]) in (4, 6)
+  base = Stack(layers=2, d=16, vocab=32).init(KEY, jnp.zeros((4, 8), jnp.int32))
+  a = jaxlora.load(str(tmp_path / "ref" / "final"), base)
+  b = jaxlora.load(str(tmp_path / "killed" / "final"), base)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(_bits(x), _bits(y))
+  # Losses after the resume equal the uninterrupted run's, step by step.
+  losses = lambda text: dict(l.split(" loss ") for l in text.splitlines() if l.startswith("step"))
+  ref_losses, res_losses = losses(out), losses(out2)
+  assert res_losses and all(ref_losses[k] == v for k, v in res_losses.items())

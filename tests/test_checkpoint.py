@@ -169,6 +169,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
   b = jaxlora.load(str(tmp_path / "killed" / "final"), base)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(_bits(x), _bits(y))
+  # Only the newest two checkpoints are kept.
+  steps_kept = sorted(int(d) for d in os.listdir(tmp_path / "killed" / "ckpt") if d.isdigit())
+  assert steps_kept == [10, 12]
   # Losses after the resume equal the uninterrupted run's, step by step.
   losses = lambda text: dict(l.split(" loss ") for l in text.splitlines() if l.startswith("step"))
   ref_losses, res_losses = losses(out), losses(out2)

@@ -23,8 +23,20 @@ def _rel(a, b):
   return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
 
 
-def _delta(a, b, s):
-  return s * (a @ b)
+def _gelu(z):  # flax's default nn.gelu is the tanh approximation
+  return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
+
+
+def _lin(h, m):
+  out = h @ m["kernel"] + m["bias"]
+  if "lora_a" in m:
+    out = out + m["lora_scale"] * ((h @ m["lora_a"]) @ m["lora_b"])
+  return out
+
+
+def _mlp_reference(x, p):
+  """float64 NumPy forward of models.MLP with its adapters."""
+  return _lin(_gelu(_lin(_gelu(_lin(f64(x), p["fc1"])), p["fc2"])), p["head"])
 
 
 CASES = {
@@ -68,19 +80,7 @@ def test_dense_mlp_matches_numpy_float64():
   x = make_x()
   _, w = _setup(model, x, targets=r"fc\d", rank=3, alpha=5.0)
   p = jax.tree.map(f64, w["params"])
-
-  def gelu(z):  # flax's default nn.gelu is the tanh approximation
-    return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
-
-  def lin(h, m):
-    out = h @ m["kernel"] + m["bias"]
-    if "lora_a" in m:
-      out = out + m["lora_scale"] * ((h @ m["lora_a"]) @ m["lora_b"])
-    return out
-
-  h = gelu(lin(f64(x), p["fc1"]))
-  h = gelu(lin(h, p["fc2"]))
-  ref = lin(h, p["head"])
+  ref = _mlp_reference(x, p)
   assert p["fc1"]["lora_scale"] == np.float32(5.0 / 3)
   assert _rel(jaxlora.apply(model.apply)(w, x), ref) < 1e-5
   assert _rel(model.apply(jaxlora.merge(w), x), ref) < 1e-5
@@ -164,18 +164,7 @@ def test_bf16_base_with_fp32_adapters():
   y = jax.jit(jaxlora.apply(model.apply))(w, x)
   assert y.dtype == jnp.bfloat16  # the LoRA term is computed in the layer's compute dtype
   # Reference: float64 of the same bf16 inputs; bf16 compute allows ~1% error.
-  p = jax.tree.map(f64, w["params"])
-
-  def gelu(z):
-    return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
-
-  def lin(h, m):
-    out = h @ m["kernel"] + m["bias"]
-    if "lora_a" in m:
-      out = out + m["lora_scale"] * ((h @ m["lora_a"]) @ m["lora_b"])
-    return out
-
-  ref = lin(gelu(lin(gelu(lin(f64(x), p["fc1"])), p["fc2"])), p["head"])
+  ref = _mlp_reference(x, jax.tree.map(f64, w["params"]))
   assert _rel(y, ref) < 3e-2
   # The gradient reaches the fp32 adapters in fp32.
   t, fz = jaxlora.split(w)

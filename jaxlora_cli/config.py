@@ -1,0 +1,204 @@
+"""Training configuration: a typed schema, YAML presets and dotted command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A configuration problem, reported to the user as one line."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  path: str = ""            # local Hugging Face checkpoint directory
+  dtype: str = "float32"    # compute dtype: float32 (CPU) or bfloat16 (accelerators)
+  param_dtype: str = "float32"
+  remat: Union[str, None] = None  # None, 'full', 'dots', 'dots_no_batch'
+
+
+@dataclasses.dataclass
+class LoraConfig:
+  rank: int = 16
+  alpha: Union[float, None] = None   # default: rank
+  targets: Union[str, list] = "all-linear"
+  exclude: Union[str, list, None] = None
+  rank_pattern: dict = dataclasses.field(default_factory=dict)
+  alpha_pattern: dict = dataclasses.field(default_factory=dict)
+  use_rslora: bool = False
+  init: str = "kaiming"
+  dropout: float = 0.0
+
+
+@dataclasses.dataclass
+class DataConfig:
+  train_file: str = ""
+  eval_file: Union[str, None] = None
+  format: str = "text"              # text | prompt_completion | chat
+  text_field: str = "text"
+  prompt_field: str = "prompt"
+  completion_field: str = "completion"
+  messages_field: str = "messages"
+  max_length: int = 512
+  truncate: bool = False            # cut over-long examples instead of failing
+  eval_fraction: float = 0.0        # held out from train_file when no eval_file is given
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  steps: int = 1000
+  batch_size: int = 8
+  grad_accum: int = 1
+  lr: float = 2e-4
+  warmup_steps: int = 0
+  min_lr_ratio: float = 0.1         # cosine decays to lr * min_lr_ratio
+  weight_decay: float = 0.0
+  max_grad_norm: float = 1.0        # 0 disables clipping
+  eval_every: int = 0               # 0: only at the end
+  eval_batches: int = 0             # 0: the whole eval set
+  save_every: int = 100
+  keep_checkpoints: int = 3
+  log_every: int = 10
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class Config:
+  output_dir: str = "runs/default"
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16", "float16"),
+    "model.remat": (None, "full", "dots", "dots_no_batch"),
+    "lora.init": ("kaiming", "gaussian"),
+    "data.format": ("text", "prompt_completion", "chat"),
+}
+
+
+def _type_name(tp: Any) -> str:
+  args = typing.get_args(tp)
+  if args:
+    return " or ".join(_type_name(a) for a in args)
+  return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+  """Checks `value` against the field type `tp` (ints are accepted for floats)."""
+  options = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+  for opt in options:
+    if opt is type(None) and value is None:
+      return None
+    if opt is bool and isinstance(value, bool):
+      return value
+    if opt is int and isinstance(value, int) and not isinstance(value, bool):
+      return value
+    if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if opt is float and isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
+      try:
+        return float(value)
+      except ValueError:
+        pass
+    if opt in (str, list, dict) and isinstance(value, opt):
+      return value
+  raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _set(cfg: Any, dotted: str, value: Any, prefix: str = "") -> None:
+  head, _, rest = dotted.partition(".")
+  fields = {f.name: f for f in dataclasses.fields(cfg)}
+  full = prefix + head
+  if head not in fields:
+    raise ConfigError(f"unknown config key '{full}'; valid keys here: "
+                      f"{', '.join(prefix + k for k in fields)}")
+  current = getattr(cfg, head)
+  if dataclasses.is_dataclass(current):
+    if not rest:
+      if not isinstance(value, dict):
+        raise ConfigError(f"config key '{full}' is a section; set its keys, e.g. {full}.<key>=...")
+      for k, v in value.items():
+        _set(current, str(k), v, full + ".")
+      return
+    _set(current, rest, value, full + ".")
+    return
+  if rest:
+    raise ConfigError(f"unknown config key '{full}.{rest}': '{full}' is not a section")
+  hints = typing.get_type_hints(type(cfg))
+  value = _coerce(full, value, hints[head])
+  if full in _CHOICES and value not in _CHOICES[full]:
+    raise ConfigError(f"config key '{full}' must be one of {_CHOICES[full]}, got {value!r}")
+  setattr(cfg, head, value)
+
+
+def load(path: str | None, overrides: list[str] = ()) -> Config:
+  """A Config from a YAML file (or defaults) and `key=value` overrides (values parsed as YAML).
+
+  >>> cfg = load(None, ["train.lr=3e-4", "lora.rank=8", "data.format=chat"])
+  >>> cfg.train.lr, cfg.lora.rank, cfg.data.format
+  (0.0003, 8, 'chat')
+  >>> load(None, ["train.learning_rate=1"])
+  Traceback (most recent call last):
+  ...
+  jaxlora_cli.config.ConfigError: unknown config key 'train.learning_rate'; valid keys here: ...
+  """
+  cfg = Config()
+  if path is not None:
+    try:
+      with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+      raise ConfigError(f"config file {path} not found") from None
+    except yaml.YAMLError as e:
+      raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+      raise ConfigError(f"config file {path} must hold a mapping of sections")
+    for k, v in raw.items():
+      _set(cfg, str(k), v)
+  for item in overrides:
+    key, eq, text = item.partition("=")
+    if not eq or not key:
+      raise ConfigError(f"override {item!r} must look like section.key=value")
+    try:
+      value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+      value = text
+    _set(cfg, key.strip(), value)
+  validate(cfg)
+  return cfg
+
+
+def validate(cfg: Config) -> None:
+  """Range checks that types alone do not catch."""
+  positive = {"lora.rank": cfg.lora.rank, "data.max_length": cfg.data.max_length,
+              "train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
+              "train.grad_accum": cfg.train.grad_accum, "train.save_every": cfg.train.save_every,
+              "train.keep_checkpoints": cfg.train.keep_checkpoints,
+              "train.log_every": cfg.train.log_every}
+  for k, v in positive.items():
+    if v <= 0:
+      raise ConfigError(f"config key '{k}' must be positive, got {v}")
+  if not 0 <= cfg.lora.dropout < 1:
+    raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
+  if not 0 <= cfg.data.eval_fraction < 1:
+    raise ConfigError(f"config key 'data.eval_fraction' must be in [0, 1), got "
+                      f"{cfg.data.eval_fraction}")
+  if cfg.train.lr <= 0:
+    raise ConfigError(f"config key 'train.lr' must be positive, got {cfg.train.lr}")
+
+
+def dump(cfg: Config) -> str:
+  return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,209 @@
+"""Data from local files: plain text, prompt/completion pairs and chat messages.
+
+Examples are padded to length buckets (powers of two up to `max_length`), not
+packed: every row keeps its own attention and positions, so nothing leaks
+between documents and no per-segment masks are needed, and the number of
+compiled shapes stays small (one per bucket). The cost is the compute spent on
+padding, which bucketing keeps under 2x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+
+from jaxlora_cli.config import ConfigError, DataConfig
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
+             ".txt": "text", ".text": "text"}
+
+
+@dataclasses.dataclass
+class Example:
+  ids: np.ndarray       # int32 token ids
+  targets: np.ndarray   # float32, 1 where the token is a training target
+
+
+def read_rows(path: str) -> Any:
+  """The rows of a local jsonl/json/csv/parquet/text file, through `datasets`."""
+  if not path:
+    raise ConfigError("no data file given: set data.train_file=<path>")
+  if not os.path.isfile(path):
+    raise ConfigError(f"data file {path} not found")
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in _BUILDERS:
+    raise ConfigError(f"data file {path}: unknown extension {ext!r}; use one of "
+                      f"{', '.join(sorted(_BUILDERS))}")
+  if os.path.getsize(path) == 0:
+    raise ConfigError(f"data file {path} holds no rows")
+  import datasets  # pylint: disable=import-outside-toplevel
+
+  datasets.disable_progress_bars()
+  try:
+    ds = datasets.load_dataset(_BUILDERS[ext], data_files=path, split="train",
+                               keep_in_memory=True)
+  except Exception as e:  # datasets raises many types for unreadable files
+    raise ConfigError(f"data file {path} could not be read: {type(e).__name__}: {e}") from None
+  if len(ds) == 0:
+    raise ConfigError(f"data file {path} holds no rows")
+  return ds
+
+
+def _field(row: dict, name: str, i: int, path: str) -> Any:
+  if name not in row or row[name] is None:
+    raise ConfigError(f"{path} row {i} has no field '{name}' (fields: {', '.join(row)}); set "
+                      f"the data.*_field keys to the file's column names")
+  return row[name]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+  return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _bos(tokenizer) -> list[int]:
+  return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def _eos(tokenizer) -> list[int]:
+  return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def tokenize(rows: Any, cfg: DataConfig, tokenizer, path: str) -> list[Example]:
+  """Turns rows into examples with loss targets, per `cfg.format`."""
+  out: list[Example] = []
+  n = cfg.max_length
+  for i, row in enumerate(rows):
+    if cfg.format == "text":
+      ids = _bos(tokenizer) + _encode(tokenizer, str(_field(row, cfg.text_field, i, path)))
+      ids += _eos(tokenizer)
+      # Long documents are cut into max_length pieces: plain text has no example boundary.
+      for start in range(0, max(len(ids) - 1, 1), n):
+        piece = ids[start:start + n]
+        if len(piece) >= 2:
+          out.append(Example(np.asarray(piece, np.int32), np.ones(len(piece), np.float32)))
+      continue
+    if cfg.format == "prompt_completion":
+      prompt = _bos(tokenizer) + _encode(tokenizer, str(_field(row, cfg.prompt_field, i, path)))
+      completion = _encode(tokenizer, str(_field(row, cfg.completion_field, i, path)))
+      completion += _eos(tokenizer)
+      ids = prompt + completion
+      targets = [0.0] * len(prompt) + [1.0] * len(completion)
+    else:  # chat: the loss covers the assistant turns only
+      messages = _field(row, cfg.messages_field, i, path)
+      if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("data.format=chat needs a tokenizer with a chat template; this "
+                          "model's tokenizer has none")
+      ids, targets = [], []
+      for j, msg in enumerate(messages):
+        if msg.get("role") != "assistant":
+          continue
+        before = tokenizer.apply_chat_template(messages[:j], tokenize=False,
+                                               add_generation_prompt=True) if j else ""
+        upto = tokenizer.apply_chat_template(messages[:j + 1], tokenize=False)
+        if not upto.startswith(before):
+          raise ConfigError(f"{path} row {i}: the chat template does not render turns as "
+                            "prefixes of each other; use data.format=prompt_completion")
+        full_before = _encode(tokenizer, before) if before else []
+        full_upto = _encode(tokenizer, upto)
+        if full_before[:len(ids)] != ids or full_upto[:len(full_before)] != full_before:
+          raise ConfigError(f"{path} row {i}: the chat template's turns do not tokenize as "
+                            "prefixes of each other; use data.format=prompt_completion")
+        new_prompt, reply = full_before[len(ids):], full_upto[len(full_before):]
+        ids += new_prompt + reply
+        targets += [0.0] * len(new_prompt) + [1.0] * len(reply)
+      if not any(targets):
+        raise ConfigError(f"{path} row {i} has no assistant message to train on")
+    if len(ids) > n:
+      if not cfg.truncate:
+        raise ConfigError(f"{path} row {i} is {len(ids)} tokens, longer than data.max_length="
+                          f"{n}; raise data.max_length (up to the model's context), or set "
+                          "data.truncate=true")
+      ids, targets = ids[:n], targets[:n]
+    if not any(targets[1:]):
+      continue  # nothing left to learn from after truncation
+    out.append(Example(np.asarray(ids, np.int32), np.asarray(targets, np.float32)))
+  if not out:
+    raise ConfigError(f"{path}: no usable examples after tokenization")
+  return out
+
+
+def bucket(length: int, max_length: int) -> int:
+  """Smallest power of two (at least 16) that holds `length`, capped at `max_length`."""
+  b = 16
+  while b < length:
+    b *= 2
+  return min(b, max_length)
+
+
+class Batcher:
+  """Deterministic shuffled batches with a resumable position.
+
+  The order of each epoch is a permutation drawn from ``(seed, epoch)``; the
+  position (`state`) is saved in checkpoints so that a resumed run sees exactly
+  the batches the uninterrupted run would have seen.
+  """
+
+  def __init__(self, examples: list[Example], batch_size: int, max_length: int, seed: int,
+               pad_id: int, state: dict | None = None):
+    self.examples = examples
+    self.batch_size = batch_size
+    self.max_length = max_length
+    self.seed = seed
+    self.pad_id = pad_id
+    self.state = dict(state or {"epoch": 0, "index": 0})
+    self._order = None
+    self._order_epoch = None
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if self._order_epoch != epoch:
+      self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+      self._order_epoch = epoch
+    return self._order
+
+  def take(self, n: int) -> list[Example]:
+    out = []
+    while len(out) < n:
+      perm = self._perm(self.state["epoch"])
+      i = self.state["index"]
+      out.append(self.examples[perm[i]])
+      i += 1
+      if i == len(perm):
+        self.state = {"epoch": self.state["epoch"] + 1, "index": 0}
+      else:
+        self.state = {"epoch": self.state["epoch"], "index": i}
+    return out
+
+  def next(self, accum: int = 1) -> dict[str, np.ndarray]:
+    """``accum`` micro-batches stacked: arrays of shape (accum, batch, length)."""
+    return collate(self.take(accum * self.batch_size), accum, self.max_length, self.pad_id)
+
+
+def collate(examples: list[Example], accum: int, max_length: int, pad_id: int) -> dict:
+  length = bucket(max(len(e.ids) for e in examples), max_length)
+  n = len(examples)
+  ids = np.full((n, length), pad_id, np.int32)
+  mask = np.zeros((n, length), np.int32)
+  targets = np.zeros((n, length), np.float32)
+  for k, e in enumerate(examples):
+    ids[k, :len(e.ids)] = e.ids
+    mask[k, :len(e.ids)] = 1
+    targets[k, :len(e.ids)] = e.targets
+  shape = (accum, n // accum, length)
+  return {"input_ids": ids.reshape(shape), "attention_mask": mask.reshape(shape),
+          "targets": targets.reshape(shape)}
+
+
+def eval_batches(examples: list[Example], batch_size: int, max_length: int, pad_id: int,
+                 limit: int = 0) -> list[dict]:
+  """Fixed, unshuffled evaluation batches (length-sorted to limit padding)."""
+  order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+  batches = []
+  for s in range(0, len(order), batch_size):
+    chunk = [examples[i] for i in order[s:s + batch_size]]
+    batches.append(collate(chunk, 1, max_length, pad_id))
+    if limit and len(batches) >= limit:
+      break
+  return batches

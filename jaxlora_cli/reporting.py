@@ -1,0 +1,130 @@
+"""Progress bar, metrics (JSONL and TensorBoard), loss-curve PNG and the run report."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+
+def du(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+class Metrics:
+  """Appends metric records to metrics.jsonl and TensorBoard event files."""
+
+  def __init__(self, run_dir: str):
+    self.path = os.path.join(run_dir, "metrics.jsonl")
+    self.tb_dir = os.path.join(run_dir, "tensorboard")
+    self._tb = None
+
+  def _writer(self):
+    if self._tb is None:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb = SummaryWriter(self.tb_dir)
+    return self._tb
+
+  def write(self, record: dict[str, Any]) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    tb = self._writer()
+    for k, v in record.items():
+      if k != "step" and isinstance(v, (int, float)):
+        tag = f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"
+        tb.add_scalar(tag, v, record["step"])
+    tb.flush()
+
+  def truncate(self, step: int) -> None:
+    """Drops records after `step` (a resumed run rewrites them)."""
+    if not os.path.exists(self.path):
+      return
+    keep = [l for l in read(self.path) if l["step"] <= step]
+    with open(self.path, "w") as f:
+      f.writelines(json.dumps(l) + "\n" for l in keep)
+
+
+def read(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+class Progress:
+  """A progress bar with loss, tokens/s and ETA (to stderr)."""
+
+  def __init__(self, total: int, initial: int, enabled: bool = True):
+    self._bar = None
+    if enabled:
+      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+      self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                       file=sys.stderr, smoothing=0.1)
+
+  def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    if self._bar is not None:
+      self._bar.n = step
+      self._bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s", refresh=False)
+      self._bar.refresh()
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+def plot(run_dir: str) -> str | None:
+  """Writes loss.png from metrics.jsonl; returns its path (None without metrics)."""
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  recs = read(path)
+  train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+  evals = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
+  fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+  if train:
+    ax.plot(*zip(*train), label="train loss")
+  if evals:
+    ax.plot(*zip(*evals), "o-", label="eval loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross-entropy")
+  ax.set_title(os.path.basename(os.path.abspath(run_dir)))
+  ax.grid(alpha=0.3)
+  ax.legend()
+  out = os.path.join(run_dir, "loss.png")
+  fig.tight_layout()
+  fig.savefig(out)
+  plt.close(fig)
+  return out
+
+
+def write_report(run_dir: str, cfg, result: dict) -> str:
+  lines = [
+      f"# Run report: {os.path.basename(os.path.abspath(run_dir))}", "",
+      f"- model: {cfg.model.path}",
+      f"- LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha or cfg.lora.rank}, targets "
+      f"{cfg.lora.targets}, dropout {cfg.lora.dropout}",
+      f"- trainable parameters: {result['trainable_params']:,} of {result['total_params']:,} "
+      f"({100 * result['trainable_params'] / result['total_params']:.3f}%)",
+      f"- steps: {result['steps']} x {cfg.train.batch_size * cfg.train.grad_accum} examples "
+      f"({result['train_examples']} training examples)",
+      f"- final training loss: {result['final_loss']}",
+  ]
+  if result.get("eval_loss_after") is not None:
+    before = result.get("eval_loss_before")
+    lines.append(f"- eval loss: {'' if before is None else f'{before:.4f} -> '}"
+                 f"{result['eval_loss_after']:.4f}")
+  lines += [
+      f"- adapter on disk: {result['adapter_bytes']:,} bytes "
+      f"({100 * result['adapter_bytes'] / result['base_bytes']:.2f}% of the base's "
+      f"{result['base_bytes']:,})",
+      f"- wall time this session: {result['wall_s']:.1f} s", "",
+      "Files: `config.yaml`, `metrics.jsonl`, `tensorboard/`, `checkpoints/`, `adapter/` (Orbax, "
+      "`jaxlora.load`), `adapter_peft/` (PEFT format), `loss.png`, `result.json`.",
+  ]
+  path = os.path.join(run_dir, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path

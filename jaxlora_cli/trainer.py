@@ -1,0 +1,325 @@
+"""The training loop behind `jaxlora train`, built on jaxlora's public API."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxlora
+from jaxlora_cli import config as config_lib
+from jaxlora_cli import data as data_lib
+from jaxlora_cli import reporting
+from jaxlora_cli.config import Config, ConfigError
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or infinite."""
+
+
+def load_model(cfg: Config):
+  path = cfg.model.path
+  if not path:
+    raise ConfigError("no model given: set model.path=<local Hugging Face checkpoint directory>")
+  if not os.path.isdir(path):
+    raise ConfigError(f"model directory {path} not found")
+  try:
+    model, params = jaxlora.models.from_pretrained(
+        path, dtype=jnp.dtype(cfg.model.dtype), param_dtype=jnp.dtype(cfg.model.param_dtype),
+        remat=cfg.model.remat)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(str(e)) from None
+  return model, params
+
+
+def load_tokenizer(path: str):
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  try:
+    tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+  except Exception as e:  # transformers raises OSError/ValueError/... for missing files
+    raise ConfigError(f"no tokenizer in {path}: {type(e).__name__}: {str(e).splitlines()[0]}") \
+        from None
+  return tok
+
+
+def pad_id(tok) -> int:
+  for cand in (tok.pad_token_id, tok.eos_token_id, 0):
+    if cand is not None:
+      return int(cand)
+  return 0
+
+
+def load_data(cfg: Config, tok, model_max: int):
+  if cfg.data.max_length > model_max:
+    raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model's context of "
+                      f"{model_max} tokens")
+  train = data_lib.tokenize(data_lib.read_rows(cfg.data.train_file), cfg.data, tok,
+                            cfg.data.train_file)
+  if cfg.data.eval_file:
+    evals = data_lib.tokenize(data_lib.read_rows(cfg.data.eval_file), cfg.data, tok,
+                              cfg.data.eval_file)
+  elif cfg.data.eval_fraction > 0:
+    order = np.random.default_rng([cfg.data.seed, 10**6]).permutation(len(train))
+    n_eval = max(1, int(len(train) * cfg.data.eval_fraction))
+    if n_eval >= len(train):
+      raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} leaves no training rows")
+    evals = [train[i] for i in order[:n_eval]]
+    train = [train[i] for i in order[n_eval:]]
+  else:
+    evals = []
+  return train, evals
+
+
+def schedule(cfg: Config):
+  t = cfg.train
+  if t.warmup_steps > 0:
+    return optax.warmup_cosine_decay_schedule(0.0, t.lr, t.warmup_steps, max(t.steps, t.warmup_steps + 1),
+                                              t.lr * t.min_lr_ratio)
+  return optax.cosine_decay_schedule(t.lr, t.steps, alpha=t.min_lr_ratio)
+
+
+def optimizer(cfg: Config) -> optax.GradientTransformation:
+  parts = []
+  if cfg.train.max_grad_norm > 0:
+    parts.append(optax.clip_by_global_norm(cfg.train.max_grad_norm))
+  parts.append(optax.adamw(schedule(cfg), weight_decay=cfg.train.weight_decay))
+  return optax.chain(*parts)
+
+
+def _token_loss(fwd, trainable, frozen, batch, key):
+  """Summed cross-entropy over target tokens, and their count."""
+  logits = fwd({"params": jaxlora.combine(trainable, frozen)}, batch["input_ids"],
+               attention_mask=batch["attention_mask"],
+               rngs=None if key is None else {"dropout": key})
+  logits = logits[:, :-1].astype(jnp.float32)
+  labels = batch["input_ids"][:, 1:]
+  weights = batch["targets"][:, 1:] * batch["attention_mask"][:, 1:].astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def make_train_step(model, tx, dropout: float):
+  fwd = jaxlora.apply(model.apply, dropout=dropout)
+
+  @jax.jit
+  def step(trainable, opt_state, frozen, batch, key):
+    keys = jax.random.split(key, batch["input_ids"].shape[0])
+
+    def micro(carry, xs):
+      g_acc, l_acc, n_acc = carry
+      mb, k = xs
+      (l, n), g = jax.value_and_grad(
+          lambda t: _token_loss(fwd, t, frozen, mb, k), has_aux=True)(trainable)
+      return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    (g, loss_sum, n), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), (batch, keys))
+    n = jnp.maximum(n, 1.0)
+    grads = jax.tree.map(lambda x: x / n, g)  # the mean over every target token of the step
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return (optax.apply_updates(trainable, updates), opt_state,
+            {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads), "tokens": n})
+
+  return step
+
+
+def make_eval(model):
+  fwd = jaxlora.apply(model.apply)
+
+  @jax.jit
+  def ev(trainable, frozen, batch):
+    mb = jax.tree.map(lambda x: x[0], batch)
+    return _token_loss(fwd, trainable, frozen, mb, None)
+
+  def run(trainable, frozen, batches):
+    total, count = 0.0, 0.0
+    for b in batches:
+      l, n = ev(trainable, frozen, b)
+      total, count = total + float(l), count + float(n)
+    return total / max(count, 1.0)
+
+  return run
+
+
+def check_run_dir(cfg: Config) -> bool:
+  """True to resume. Refuses an output directory that holds a different run."""
+  out = cfg.output_dir
+  saved = os.path.join(out, "config.yaml")
+  if not os.path.exists(out):
+    return False
+  if not os.path.isfile(saved):
+    if os.listdir(out):
+      raise ConfigError(f"output_dir {out} exists and is not a jaxlora run directory; choose an "
+                        "empty or new directory")
+    return False
+  old = config_lib.load(saved).to_dict()
+  new = cfg.to_dict()
+  for section in ("train",):  # a longer run may continue an earlier one
+    old[section] = {**old[section], "steps": None}
+    new[section] = {**new[section], "steps": None}
+  diffs = [f"{s}.{k}" for s in new if isinstance(new[s], dict)
+           for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+  diffs += [s for s in new if not isinstance(new[s], dict) and old.get(s) != new[s]]
+  if diffs:
+    raise ConfigError(f"output_dir {out} holds a different run (differs in {', '.join(diffs)}); "
+                      "choose another output_dir, or restore its config to resume it")
+  return True
+
+
+def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
+  """Runs (or resumes) training; returns a summary dict. Writes everything under cfg.output_dir."""
+  resume = check_run_dir(cfg)
+  model, params = load_model(cfg)
+  tok = load_tokenizer(cfg.model.path)
+  train_ex, eval_ex = load_data(cfg, tok, model.config.max_position_embeddings)
+  out = cfg.output_dir
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "config.yaml"), "w") as f:
+    f.write(config_lib.dump(cfg))
+
+  lc = cfg.lora
+  try:
+    tree = jaxlora.wrap(params, rank=lc.rank, alpha=lc.alpha, targets=_sel(lc.targets),
+                        exclude=_sel(lc.exclude), rank_pattern=lc.rank_pattern or None,
+                        alpha_pattern=lc.alpha_pattern or None, use_rslora=lc.use_rslora,
+                        init=lc.init, layout=model, key=jax.random.key(cfg.train.seed))
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"lora: {e}") from None
+  trainable, frozen = jaxlora.split(tree)
+  summary = jaxlora.summary(tree)
+  tx = optimizer(cfg)
+  opt_state = tx.init(trainable)
+  rng = jax.random.key(cfg.train.seed + 1)
+  pid = pad_id(tok)
+  batcher = data_lib.Batcher(train_ex, cfg.train.batch_size, cfg.data.max_length,
+                             cfg.data.seed, pid)
+  ckpt = jaxlora.CheckpointManager(os.path.join(os.path.abspath(out), "checkpoints"),
+                                   max_to_keep=cfg.train.keep_checkpoints,
+                                   save_interval_steps=cfg.train.save_every)
+  metrics = reporting.Metrics(out)
+  start = 0
+  if resume and ckpt.latest_step() is not None:
+    try:
+      state = ckpt.restore(trainable=trainable, opt_state=opt_state)
+    except ValueError as e:
+      raise ConfigError(f"the checkpoint in {os.path.join(out, 'checkpoints')} does not match this "
+                        f"run's adapter/optimizer settings ({str(e).splitlines()[0]})") from None
+    start, trainable, opt_state, rng = (state["step"], state["trainable"], state["opt_state"],
+                                        state["rng"])
+    batcher.state = state["data_state"]
+    metrics.truncate(start)
+    log(f"resuming {out} from step {start}")
+  step_fn = make_train_step(model, tx, lc.dropout)
+  eval_fn = make_eval(model)
+  ebatches = data_lib.eval_batches(eval_ex, cfg.train.batch_size, cfg.data.max_length, pid,
+                                   cfg.train.eval_batches)
+  eval_before = None
+  if ebatches and start == 0:
+    eval_before = eval_fn(trainable, frozen, ebatches)
+    metrics.write({"step": 0, "eval_loss": eval_before})
+  log(f"training {summary.trainable:,} of {summary.total:,} parameters "
+      f"({100 * summary.trainable_fraction:.3f}%) on {len(train_ex)} examples; run dir {out}")
+
+  bar = reporting.Progress(cfg.train.steps, start, enabled=progress)
+  t0, tokens, last_loss, last_good = time.time(), 0.0, None, ckpt.latest_step()
+  t_rate, tok_rate = None, 0.0  # throughput counts from the end of the first (compiling) step
+  try:
+    for step in range(start, cfg.train.steps):
+      batch = batcher.next(cfg.train.grad_accum)
+      rng, sub = jax.random.split(rng)
+      new_t, new_o, m = step_fn(trainable, opt_state, frozen, batch, sub)
+      loss = float(m["loss"])
+      if not math.isfinite(loss):
+        ckpt.wait()
+        kept = ckpt.latest_step()
+        raise TrainingDiverged(
+            f"loss became {loss} at step {step + 1}; stopped. The last good checkpoint "
+            f"({'step ' + str(kept) if kept is not None else 'none yet'}) is kept in "
+            f"{os.path.join(out, 'checkpoints')}. Lower train.lr or raise train.warmup_steps.")
+      trainable, opt_state, last_loss = new_t, new_o, loss
+      tokens += float(m["tokens"])
+      done = step + 1
+      now = time.time()
+      elapsed = now - t0
+      if t_rate is None:
+        t_rate, tok_rate = now, tokens
+      rate = (tokens - tok_rate) / (now - t_rate) if now > t_rate else 0.0
+      bar.update(done, loss, rate)
+      if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+        metrics.write({"step": done, "loss": loss, "grad_norm": float(m["grad_norm"]),
+                       "lr": float(schedule(cfg)(done - 1)), "tokens_per_s": rate,
+                       "elapsed_s": elapsed})
+      if ebatches and cfg.train.eval_every and done % cfg.train.eval_every == 0 \
+          and done != cfg.train.steps:
+        metrics.write({"step": done, "eval_loss": eval_fn(trainable, frozen, ebatches)})
+      if ckpt.save(done, trainable=trainable, opt_state=opt_state, rng=rng,
+                   data_state=batcher.state, force=done == cfg.train.steps):
+        last_good = done
+  finally:
+    bar.close()
+    ckpt.close()
+
+  tuned = jaxlora.combine(trainable, frozen)
+  eval_after = eval_fn(trainable, frozen, ebatches) if ebatches else None
+  if eval_after is not None:
+    metrics.write({"step": cfg.train.steps, "eval_loss": eval_after})
+  adapter_dir = os.path.join(out, "adapter")
+  jaxlora.save(adapter_dir, tuned, metadata={"config": cfg.to_dict(), "step": cfg.train.steps})
+  jaxlora.peft.save(os.path.join(out, "adapter_peft"), tuned, model=model,
+                    base_model_name_or_path=os.path.abspath(cfg.model.path))
+  result = {
+      "steps": cfg.train.steps, "final_loss": last_loss, "eval_loss_before": eval_before,
+      "eval_loss_after": eval_after, "trainable_params": summary.trainable,
+      "total_params": summary.total, "train_examples": len(train_ex),
+      "adapter_bytes": reporting.du(adapter_dir),
+      "base_bytes": sum(x.nbytes for x in jax.tree.leaves(params)),
+      "wall_s": time.time() - t0, "last_checkpoint": last_good,
+  }
+  with open(os.path.join(out, "result.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  reporting.plot(out)
+  reporting.write_report(out, cfg, result)
+  return result
+
+
+def _sel(value: Any) -> Any:
+  return tuple(value) if isinstance(value, list) else value
+
+
+def load_run(run_dir: str):
+  """Model, tokenizer and wrapped tree of a finished (or checkpointed) run."""
+  cfg_path = os.path.join(run_dir, "config.yaml")
+  if not os.path.isfile(cfg_path):
+    raise ConfigError(f"{run_dir} is not a jaxlora run directory (no config.yaml)")
+  cfg = config_lib.load(cfg_path)
+  model, params = load_model(cfg)
+  tok = load_tokenizer(cfg.model.path)
+  adapter = os.path.join(run_dir, "adapter")
+  if not os.path.isdir(adapter):
+    raise ConfigError(f"{run_dir} has no final adapter yet; finish the run first "
+                      "(rerunning the train command resumes it)")
+  try:
+    tree = jaxlora.load(adapter, params)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(str(e)) from None
+  return cfg, model, tok, params, tree
+
+
+def copy_tokenizer(src: str, dst: str) -> None:
+  for name in os.listdir(src):
+    if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "generation_config")):
+      shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+
+
+def stderr(msg: str) -> None:
+  print(msg, file=sys.stderr)

@@ -1,0 +1,231 @@
+"""The `jaxlora` command line end to end on a tiny checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+
+import jaxlora  # noqa: E402
+from jaxlora_cli import config as config_lib  # noqa: E402
+from jaxlora_cli.main import main  # noqa: E402
+import tiny_checkpoint  # noqa: E402
+
+WORDS = ["abc", "hello", "world", "tiny", "jax", "lora", "fox", "dog", "quick", "lazy"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  return tiny_checkpoint.make(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("data")
+  rng = np.random.default_rng(0)
+  with open(d / "pc.jsonl", "w") as f:
+    for _ in range(120):
+      w = WORDS[rng.integers(len(WORDS))]
+      f.write(json.dumps({"prompt": f"reverse: {w} ->", "completion": " " + w[::-1]}) + "\n")
+  with open(d / "chat.jsonl", "w") as f:
+    for w in WORDS * 3:
+      f.write(json.dumps({"messages": [{"role": "user", "content": f"reverse {w}"},
+                                       {"role": "assistant", "content": w[::-1]}]}) + "\n")
+  (d / "text.txt").write_text("\n".join(tiny_checkpoint.CORPUS))
+  import pandas as pd
+  pd.DataFrame({"text": tiny_checkpoint.CORPUS}).to_csv(d / "text.csv", index=False)
+  pd.DataFrame({"text": tiny_checkpoint.CORPUS}).to_parquet(d / "text.parquet")
+  (d / "empty.jsonl").write_text("")
+  (d / "nofield.jsonl").write_text(json.dumps({"prompt": "a", "answer": "b"}) + "\n")
+  (d / "long.jsonl").write_text(json.dumps({"prompt": "hello " * 40, "completion": "x"}) + "\n")
+  return d
+
+
+def _args(model_dir, data, out, *extra):
+  return ["train", "--no-progress", f"model.path={model_dir}", f"data.train_file={data}",
+          "data.format=prompt_completion", "data.max_length=32", "train.batch_size=8",
+          "train.save_every=4", "train.lr=3e-3", "lora.rank=4", "train.log_every=2",
+          f"output_dir={out}", *extra]
+
+
+def test_train_resume_export_generate_eval(model_dir, data_dir, tmp_path, capsys):
+  out = tmp_path / "run"
+  assert main(_args(model_dir, data_dir / "pc.jsonl", out, "train.steps=6",
+                    "data.eval_fraction=0.2", "train.grad_accum=2")) == 0
+  result = json.loads((out / "result.json").read_text())
+  assert result["eval_loss_after"] < result["eval_loss_before"]
+  for name in ("config.yaml", "metrics.jsonl", "loss.png", "report.md", "adapter/jaxlora.json",
+               "adapter_peft/adapter_config.json"):
+    assert (out / name).exists(), name
+  assert any(f.startswith("events") for f in os.listdir(out / "tensorboard"))
+  assert "trainable parameters" in (out / "report.md").read_text()
+  # Rerunning with more steps continues from the last checkpoint.
+  assert main(_args(model_dir, data_dir / "pc.jsonl", out, "train.steps=10",
+                    "data.eval_fraction=0.2", "train.grad_accum=2")) == 0
+  err = capsys.readouterr().err
+  assert "resuming" in err and "from step 6" in err
+  steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+           if "loss" in r]
+  assert steps == [2, 4, 6, 8, 10]
+  # Export both ways and check the files against the library's own loaders.
+  assert main(["export", str(out), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+  assert main(["export", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+  model, params = jaxlora.models.from_pretrained(model_dir)
+  tree = jaxlora.load(str(out / "adapter"), params)
+  from_peft = jaxlora.peft.load(str(tmp_path / "peft"), params, model=model)
+  for a, b in zip(jax.tree.leaves(jaxlora.adapter(tree)), jax.tree.leaves(jaxlora.adapter(from_peft))):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  _, merged = jaxlora.models.from_pretrained(str(tmp_path / "hf"))
+  ids = np.array([[1, 5, 9, 30, 41]])
+  np.testing.assert_allclose(model.apply({"params": merged}, ids),
+                             jaxlora.apply(model.apply)({"params": tree}, ids), atol=1e-5)
+  assert os.path.exists(tmp_path / "hf" / "tokenizer.json")
+  capsys.readouterr()
+  assert main(["generate", str(out), "--prompt", "reverse: fox ->", "--prompt", "reverse: abc ->",
+               "--max-new-tokens", "4"]) == 0
+  lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+  assert [l["prompt"] for l in lines] == ["reverse: fox ->", "reverse: abc ->"]
+  assert main(["generate", str(out), "--prompt", "reverse: fox ->", "--merged",
+               "--max-new-tokens", "4"]) == 0
+  merged_line = json.loads(capsys.readouterr().out.splitlines()[0])
+  assert merged_line["completion"] == lines[0]["completion"]
+  assert main(["eval", str(out)]) == 0
+  ev = json.loads(capsys.readouterr().out)
+  assert ev["eval_loss"] == pytest.approx(json.loads((out / "result.json").read_text())
+                                          ["eval_loss_after"], rel=1e-4)
+  assert ev["base_eval_loss"] > ev["eval_loss"]
+  assert main(["plot", str(out)]) == 0
+
+
+@pytest.mark.parametrize("fmt,file", [("text", "text.txt"), ("text", "text.csv"),
+                                      ("text", "text.parquet"), ("chat", "chat.jsonl")])
+def test_data_formats(model_dir, data_dir, tmp_path, fmt, file):
+  args = _args(model_dir, data_dir / file, tmp_path / "r", "train.steps=2")
+  args[args.index("data.format=prompt_completion")] = f"data.format={fmt}"
+  assert main(args) == 0
+  assert json.loads((tmp_path / "r" / "result.json").read_text())["final_loss"] > 0
+
+
+def test_chat_loss_covers_assistant_turns_only(model_dir, data_dir):
+  from jaxlora_cli import data as data_lib
+  from jaxlora_cli import trainer
+  tok = trainer.load_tokenizer(model_dir)
+  cfg = config_lib.load(None, ["data.format=chat", "data.max_length=64"]).data
+  rows = data_lib.read_rows(str(data_dir / "chat.jsonl"))
+  ex = data_lib.tokenize(rows, cfg, tok, "chat.jsonl")[0]
+  target_text = tok.decode(ex.ids[ex.targets == 1])
+  assert target_text == "cba<|end|>"  # the reply and its end marker, nothing of the prompt
+  pc = config_lib.load(None, ["data.format=prompt_completion"]).data
+  ex = data_lib.tokenize(data_lib.read_rows(str(data_dir / "pc.jsonl")), pc, tok, "pc")[0]
+  assert tok.decode(ex.ids[ex.targets == 1]).endswith("</s>")
+  assert tok.decode(ex.ids[ex.targets == 0]).startswith("<s>reverse:")
+
+
+def test_batches_are_deterministic_and_resumable():
+  from jaxlora_cli import data as data_lib
+  ex = [data_lib.Example(np.arange(i + 2, dtype=np.int32), np.ones(i + 2, np.float32))
+        for i in range(10)]
+  a = data_lib.Batcher(ex, 3, 32, seed=1, pad_id=0)
+  first = [a.next()["input_ids"] for _ in range(5)]
+  b = data_lib.Batcher(ex, 3, 32, seed=1, pad_id=0)
+  b.next(), b.next()
+  c = data_lib.Batcher(ex, 3, 32, seed=1, pad_id=0, state=b.state)
+  for want in first[2:]:
+    np.testing.assert_array_equal(c.next()["input_ids"], want)
+  assert data_lib.bucket(17, 512) == 32 and data_lib.bucket(3, 512) == 16
+  assert data_lib.bucket(300, 256) == 256
+
+
+@pytest.mark.parametrize("override,message", [
+    (["model.path=/nonexistent/model"], "error: model directory /nonexistent/model not found"),
+    (["data.train_file=/nonexistent.jsonl"], "error: data file /nonexistent.jsonl not found"),
+    (["data.train_file=@empty.jsonl"], "holds no rows"),
+    (["data.train_file=@nofield.jsonl"], "row 0 has no field 'completion'"),
+    (["data.train_file=@long.jsonl"], "longer than data.max_length=32"),
+    (["data.max_length=4096"], "exceeds the model's context of 128"),
+    (["train.learning_rate=1"], "unknown config key 'train.learning_rate'"),
+    (["lora.rank=four"], "config key 'lora.rank' must be int"),
+    (["lora.targets=nothing_matches"], "matched no kernel"),
+])
+def test_bad_input_gives_one_line(model_dir, data_dir, tmp_path, capsys, override, message):
+  args = _args(model_dir, data_dir / "pc.jsonl", tmp_path / "r", "train.steps=2")
+  for o in override:
+    key = o.split("=")[0]
+    args = [a for a in args if not a.startswith(key + "=")] + [o.replace("@", f"{data_dir}/")]
+  assert main(args) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and message in err[0], err
+  assert not os.path.exists(tmp_path / "r" / "adapter")
+
+
+def test_output_dir_of_another_run_is_not_touched(model_dir, data_dir, tmp_path, capsys):
+  out = tmp_path / "run"
+  assert main(_args(model_dir, data_dir / "pc.jsonl", out, "train.steps=2")) == 0
+  before = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(out) for p in fs}
+  capsys.readouterr()
+  assert main(_args(model_dir, data_dir / "pc.jsonl", out, "train.steps=2", "lora.rank=2")) == 2
+  assert "holds a different run (differs in lora.rank)" in capsys.readouterr().err
+  after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(out) for p in fs}
+  assert before == after
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "notes.txt").write_text("mine")
+  assert main(_args(model_dir, data_dir / "pc.jsonl", tmp_path / "other", "train.steps=2")) == 2
+  assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(model_dir, data_dir, tmp_path, capsys):
+  out = tmp_path / "run"
+  assert main(_args(model_dir, data_dir / "pc.jsonl", out, "train.steps=4")) == 0
+  capsys.readouterr()
+  # lr=1e30 blows the adapter up at once; the run stops before writing a bad checkpoint.
+  args = _args(model_dir, data_dir / "pc.jsonl", out, "train.steps=12")
+  args = [a for a in args if not a.startswith("train.lr=")] + ["train.lr=1e30"]
+  cfg_text = (out / "config.yaml").read_text().replace("lr: 0.003", "lr: 1.0e+30")
+  (out / "config.yaml").write_text(cfg_text)
+  assert main(args) == 3
+  err = capsys.readouterr().err
+  assert "loss became nan" in err or "loss became inf" in err
+  assert "last good checkpoint (step 4)" in err
+  assert sorted(int(s) for s in os.listdir(out / "checkpoints") if s.isdigit())[-1] == 4
+
+
+def _cli(*args):
+  return subprocess.Popen([sys.executable, "-m", "jaxlora_cli", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env={**os.environ, "XLA_FLAGS": ""})
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(model_dir, data_dir, tmp_path):
+  common = lambda out: _args(model_dir, data_dir / "pc.jsonl", out, "train.steps=16",
+                             "train.save_every=2")[1:]
+  ref = _cli("train", *common(tmp_path / "ref"))
+  _, err = ref.communicate(timeout=600)
+  assert ref.returncode == 0, err
+  proc = _cli("train", *common(tmp_path / "killed"))
+  ckpts = tmp_path / "killed" / "checkpoints"
+  import time
+  deadline = time.time() + 300
+  while time.time() < deadline:  # kill once a few checkpoints exist, mid-run
+    if ckpts.exists() and len([s for s in os.listdir(ckpts) if s.isdigit()]) >= 2:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  assert not (tmp_path / "killed" / "adapter").exists()
+  again = _cli("train", *common(tmp_path / "killed"))
+  _, err = again.communicate(timeout=600)
+  assert again.returncode == 0, err
+  assert "resuming" in err
+  model, params = jaxlora.models.from_pretrained(model_dir)
+  a = jaxlora.load(str(tmp_path / "ref" / "adapter"), params)
+  b = jaxlora.load(str(tmp_path / "killed" / "adapter"), params)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))

@@ -202,3 +202,59 @@ def validate(cfg: Config) -> None:
 
 def dump(cfg: Config) -> str:
   return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+DOCS = {
+    "output_dir": "run directory; rerunning the same config there resumes it",
+    "model.path": "local Hugging Face checkpoint directory (config.json, safetensors, tokenizer)",
+    "model.dtype": "compute dtype: float32 (CPU) or bfloat16 (accelerators)",
+    "model.param_dtype": "dtype the base weights are held in",
+    "model.remat": "rematerialise layers in the backward pass: full, dots, dots_no_batch",
+    "lora.rank": "LoRA rank r",
+    "lora.alpha": "LoRA alpha (scale alpha/r); default: rank",
+    "lora.targets": "regex over module paths, a preset (all-linear, attention, mlp) or a list",
+    "lora.exclude": "layers to leave out, same language as targets",
+    "lora.rank_pattern": "{regex: rank} per-layer ranks",
+    "lora.alpha_pattern": "{regex: alpha} per-layer alphas",
+    "lora.use_rslora": "scale by alpha/sqrt(r)",
+    "lora.init": "A initialisation: kaiming (PEFT's default) or gaussian",
+    "lora.dropout": "dropout on the LoRA input during training",
+    "data.train_file": "training data: .jsonl/.json/.csv/.parquet/.txt",
+    "data.eval_file": "evaluation data (optional)",
+    "data.format": "text (loss on all tokens), prompt_completion (loss on the completion), "
+                   "chat (messages rendered with the chat template; loss on assistant turns)",
+    "data.text_field": "column with the text (format text)",
+    "data.prompt_field": "column with the prompt (prompt_completion)",
+    "data.completion_field": "column with the completion (prompt_completion)",
+    "data.messages_field": "column with the chat messages (chat)",
+    "data.max_length": "longest example in tokens (at most the model's context)",
+    "data.truncate": "cut over-long examples instead of stopping with an error",
+    "data.eval_fraction": "share of train_file held out for evaluation when no eval_file",
+    "data.seed": "shuffling seed",
+    "train.steps": "optimizer steps (raise it and rerun to continue a finished run)",
+    "train.batch_size": "examples per micro-batch",
+    "train.grad_accum": "micro-batches per optimizer step",
+    "train.lr": "peak learning rate (adamw)",
+    "train.warmup_steps": "linear warm-up steps before the cosine decay",
+    "train.min_lr_ratio": "final learning rate as a share of the peak",
+    "train.weight_decay": "adamw weight decay",
+    "train.max_grad_norm": "global gradient-norm clipping; 0 disables it",
+    "train.eval_every": "evaluate every N steps (0: at the start and the end only)",
+    "train.eval_batches": "evaluation batches per evaluation (0: all)",
+    "train.save_every": "checkpoint every N steps",
+    "train.keep_checkpoints": "how many recent checkpoints to keep",
+    "train.log_every": "write metrics every N steps",
+    "train.seed": "seed for the adapter init and dropout",
+}
+
+
+def describe() -> str:
+  """Every config key with its default and meaning (for `jaxlora train --help`)."""
+  defaults = Config().to_dict()
+  lines = ["config keys (section.key=value; defaults in brackets):"]
+  for key, doc in DOCS.items():
+    node: Any = defaults
+    for part in key.split("."):
+      node = node[part]
+    lines.append(f"  {key} [{node!r}]: {doc}")
+  return "\n".join(lines)

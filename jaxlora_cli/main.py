@@ -1,4 +1,4 @@
-"""The `jaxlora` command line: train, eval, generate, merge, export, plot."""
+"""The `jaxlora` command line: train, eval, generate, merge, export, plot, demo."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ import sys
 
 HELP_OVERRIDES = ("dotted config overrides, e.g. train.lr=1e-4 lora.rank=8 "
                   "data.train_file=data.jsonl (values are parsed as YAML)")
+
+
+def _config_help() -> str:
+  from jaxlora_cli import config as config_lib  # pylint: disable=import-outside-toplevel
+  return config_lib.describe()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
                      description="Train a LoRA adapter from a YAML config plus overrides. The "
                      "run directory (output_dir) receives config.yaml, metrics.jsonl, tensorboard/, "
                      "checkpoints/, adapter/ (Orbax), adapter_peft/ (PEFT), loss.png and "
-                     "report.md. Rerunning the same command resumes from the latest checkpoint.")
+                     "report.md. Rerunning the same command resumes from the latest checkpoint.",
+                     epilog=_config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
   t.add_argument("--config", help="YAML preset (see configs/); defaults otherwise")
   t.add_argument("--no-progress", action="store_true", help="no progress bar")
   t.add_argument("overrides", nargs="*", help=HELP_OVERRIDES)
@@ -63,7 +69,22 @@ def _parser() -> argparse.ArgumentParser:
                       description="Draw the training and evaluation loss of a run (also while it "
                       "is running) into RUN_DIR/loss.png.")
   pl.add_argument("run_dir")
+  d = sub.add_parser("demo", help="fine-tune the shipped small model on a new task (CPU, ~2 min)",
+                     description="Runs the whole pipeline on the small base model shipped with "
+                     "jaxlora (pretrained on Python docstrings): measures exact match on ROT13 of "
+                     "unseen 5-letter words, LoRA-fine-tunes, measures again, and shows samples, "
+                     "the trainable share, adapter size and where everything was written. No "
+                     "download.")
+  d.add_argument("--out", default="runs/demo", help="output directory (runs/demo)")
+  d.add_argument("--steps", type=int, default=400, help="training steps (400)")
+  d.add_argument("--seed", type=int, default=0, help="seed for the word split and init")
+  d.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
+
+
+def _cmd_demo(args) -> None:
+  from jaxlora_cli import demo  # pylint: disable=import-outside-toplevel
+  demo.main_stdout(args)
 
 
 def _cmd_train(args) -> None:
@@ -182,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
   from jaxlora_cli.trainer import TrainingDiverged  # pylint: disable=import-outside-toplevel
 
   commands = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate,
-              "merge": _cmd_merge, "export": _cmd_export, "plot": _cmd_plot}
+              "merge": _cmd_merge, "export": _cmd_export, "plot": _cmd_plot,
+              "demo": _cmd_demo}
   try:
     commands[args.command](args)
   except TrainingDiverged as e:

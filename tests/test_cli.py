@@ -229,3 +229,28 @@ def test_sigkill_then_resume_is_bit_identical(model_dir, data_dir, tmp_path):
   b = jaxlora.load(str(tmp_path / "killed" / "adapter"), params)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+
+
+def test_shipped_presets_load():
+  root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+  names = sorted(f for f in os.listdir(root) if f.endswith(".yaml"))
+  assert names
+  for name in names:
+    cfg = config_lib.load(os.path.join(root, name))
+    assert cfg.model.path and cfg.data.train_file, name
+
+
+def test_every_config_key_is_documented(capsys):
+  keys = set()
+  def walk(d, prefix=""):
+    for k, v in d.items():
+      if isinstance(v, dict) and k not in ("rank_pattern", "alpha_pattern"):
+        walk(v, prefix + k + ".")
+      else:
+        keys.add(prefix + k)
+  walk(config_lib.Config().to_dict())
+  assert keys == set(config_lib.DOCS)
+  with pytest.raises(SystemExit):
+    main(["train", "--help"])
+  out = capsys.readouterr().out
+  assert all(k in out for k in keys)

@@ -1,0 +1,133 @@
+"""`jaxlora demo`: LoRA-fine-tune the shipped small base model on a task it cannot do.
+
+The base (see demo_base/PROVENANCE.md) is a character-level model pretrained on
+Python standard-library docstrings. The task is ROT13 of 5-letter words
+(``rot13: hello => uryyb``): every character maps to the one 13 letters on.
+Training and evaluation words are disjoint, so the exact-match score measures
+whether the adapter learned the mapping rather than memorised answers.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+DEMO_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_base")
+
+
+def rot13(word: str) -> str:
+  return codecs.encode(word, "rot13")
+
+
+def prompt(word: str) -> str:
+  return f"rot13: {word} =>"
+
+
+def write_task(data_dir: str, seed: int, n_eval: int = 200) -> tuple[list[str], list[str]]:
+  with open(os.path.join(DEMO_BASE, "words.json")) as f:
+    words = json.load(f)
+  order = np.random.default_rng(seed).permutation(len(words))
+  eval_words = [words[i] for i in order[:n_eval]]
+  train_words = [words[i] for i in order[n_eval:]]
+  os.makedirs(data_dir, exist_ok=True)
+  for name, ws in (("train.jsonl", train_words), ("eval.jsonl", eval_words)):
+    with open(os.path.join(data_dir, name), "w") as f:
+      for w in ws:
+        f.write(json.dumps({"prompt": prompt(w), "completion": " " + rot13(w)}) + "\n")
+  return train_words, eval_words
+
+
+def demo_config(out_dir: str, steps: int, seed: int, rank: int = 8, **overrides):
+  from jaxlora_cli import config as config_lib  # pylint: disable=import-outside-toplevel
+
+  data = os.path.join(out_dir, "data")
+  items = {
+      "output_dir": os.path.join(out_dir, "run"), "model.path": DEMO_BASE,
+      "data.train_file": os.path.join(data, "train.jsonl"),
+      "data.eval_file": os.path.join(data, "eval.jsonl"), "data.format": "prompt_completion",
+      "data.max_length": 32, "data.seed": seed, "lora.rank": rank, "lora.alpha": 2 * rank,
+      "lora.targets": "all-linear", "train.steps": steps, "train.batch_size": 32,
+      "train.lr": 4e-3, "train.warmup_steps": 20, "train.eval_every": max(steps // 4, 1),
+      "train.save_every": 100, "train.log_every": 20, "train.seed": seed, **overrides}
+  return config_lib.load(None, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+                                for k, v in items.items()])
+
+
+def exact_match(model, tree, tok, words: list[str], batch: int = 200) -> tuple[float, list[str]]:
+  """Greedy completions of the task prompts and the share that are exactly right."""
+  import jaxlora  # pylint: disable=import-outside-toplevel
+
+  outs = []
+  for s in range(0, len(words), batch):
+    chunk = words[s:s + batch]
+    ids = np.array([tok(prompt(w))["input_ids"] for w in chunk], np.int32)  # same length
+    gen = np.asarray(jaxlora.generate(model, tree, ids, max_new_tokens=7,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    for row in gen:
+      row = list(row)
+      if tok.eos_token_id in row:
+        row = row[:row.index(tok.eos_token_id)]
+      outs.append(tok.decode(row).strip())
+  acc = float(np.mean([o == rot13(w) for o, w in zip(outs, words)]))
+  return acc, outs
+
+
+def run(out_dir: str = "runs/demo", steps: int = 400, seed: int = 0, progress: bool = True,
+        log=print) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jaxlora  # pylint: disable=import-outside-toplevel
+  from jaxlora_cli import reporting, trainer  # pylint: disable=import-outside-toplevel
+
+  t0 = time.time()
+  _, eval_words = write_task(os.path.join(out_dir, "data"), seed)
+  cfg = demo_config(out_dir, steps, seed)
+  model, params = trainer.load_model(cfg)
+  tok = trainer.load_tokenizer(DEMO_BASE)
+  acc_before, before = exact_match(model, params, tok, eval_words)
+  log(f"base model, before fine-tuning: exact match {100 * acc_before:.1f}% on "
+      f"{len(eval_words)} unseen words")
+  result = trainer.train(cfg, progress=progress, log=log)
+  tree = jaxlora.load(os.path.join(cfg.output_dir, "adapter"), params)
+  acc_after, after = exact_match(model, tree, tok, eval_words)
+  _, merged = exact_match(model, jaxlora.merge(tree), tok, eval_words)
+  agree = float(np.mean([a == m for a, m in zip(after, merged)]))
+  s = jaxlora.summary(tree)
+  adapter_bytes = reporting.du(os.path.join(cfg.output_dir, "adapter"))
+  base_bytes = sum(os.path.getsize(os.path.join(DEMO_BASE, f)) for f in os.listdir(DEMO_BASE)
+                   if f.endswith(".safetensors"))
+  lines = [
+      "", "jaxlora demo: ROT13 of 5-letter words (a task the base model cannot do)",
+      f"  exact match on {len(eval_words)} unseen words: base {100 * acc_before:.1f}% -> "
+      f"LoRA {100 * acc_after:.1f}%",
+      f"  eval loss: {result['eval_loss_before']:.3f} -> {result['eval_loss_after']:.3f}",
+      f"  trainable parameters: {s.trainable:,} of {s.total:,} "
+      f"({100 * s.trainable_fraction:.2f}%), rank {cfg.lora.rank} on all linear layers",
+      f"  adapter on disk: {adapter_bytes:,} bytes vs base weights {base_bytes:,} bytes",
+      f"  merged vs factored generations agree on {100 * agree:.1f}% of prompts",
+      "  samples (prompt: base | LoRA | expected):"]
+  for w, b, a in list(zip(eval_words, before, after))[:6]:
+    lines.append(f"    {prompt(w)!r:24s} {b!r:>10s} | {a!r:>8s} | {rot13(w)!r}")
+  lines += [f"  run directory: {os.path.abspath(cfg.output_dir)} (report.md, loss.png, adapter/, "
+            "adapter_peft/, metrics.jsonl, tensorboard/)",
+            f"  total time: {time.time() - t0:.0f} s"]
+  log("\n".join(lines))
+  out = {"exact_match_before": acc_before, "exact_match_after": acc_after,
+         "merged_factored_agreement": agree, "trainable_params": s.trainable,
+         "total_params": s.total, "adapter_bytes": adapter_bytes, "base_bytes": base_bytes,
+         "eval_loss_before": result["eval_loss_before"],
+         "eval_loss_after": result["eval_loss_after"], "seconds": time.time() - t0}
+  with open(os.path.join(out_dir, "demo.json"), "w") as f:
+    json.dump(out, f, indent=2)
+  if agree < 1.0:
+    log("warning: merged and factored generations differ on some prompts")
+  return out
+
+
+def main_stdout(args) -> None:
+  run(args.out, steps=args.steps, seed=args.seed, progress=not args.no_progress,
+      log=lambda s: print(s, file=sys.stdout, flush=True))

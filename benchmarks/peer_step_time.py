@@ -106,6 +106,7 @@ def build_jax(args, variant, donate_params):
   import jaxlora
 
   model, params = jaxlora.models.from_pretrained(args.checkpoint)
+  model = model.clone(scan_unroll=args.scan_unroll)
   ids = jnp.asarray(_tokens(args), jnp.int32)
   tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
 
@@ -226,6 +227,7 @@ def peak_rss_child(args):
 def _child(args, *extra):
   cmd = [sys.executable, os.path.abspath(__file__), "--layers", str(args.layers),
          "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
+         "--scan-unroll", str(args.scan_unroll),
          *extra]
   return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
@@ -269,6 +271,8 @@ def main():
   ap.add_argument("--seq", type=int, default=256)
   ap.add_argument("--reps", type=int, default=5, help="timed repetitions per variant")
   ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+  ap.add_argument("--scan-unroll", type=int, default=1,
+                  help="layers per nn.scan iteration in jaxlora (layers = fully unrolled)")
   ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
   ap.add_argument("--memory-child", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
   ap.add_argument("--make-checkpoint", default=None, help=argparse.SUPPRESS)

@@ -18,6 +18,7 @@ from jaxlora import _tree
 from jaxlora import kernel_layout as layout_lib
 from jaxlora import sharding as sharding_lib
 from jaxlora import transform
+from jaxlora.models import safetensors_io
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
 
 RECORD = "jaxlora.json"
@@ -90,6 +91,7 @@ def save(path: str, tree: Any, *, metadata: dict | None = None) -> None:
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+  os.chmod(tmp, 0o777 & ~safetensors_io._umask())  # mkdtemp makes 0700; this becomes `path`
   try:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, ARRAYS), _tree.get_params(adapter))

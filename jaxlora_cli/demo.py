@@ -77,7 +77,7 @@ def exact_match(model, tree, tok, words: list[str], batch: int = 200) -> tuple[f
   return acc, outs
 
 
-def run(out_dir: str = "runs/demo", steps: int = 400, seed: int = 0, progress: bool = True,
+def run(out_dir: str = "runs/demo", steps: int = 800, seed: int = 0, progress: bool = True,
         log=print) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jaxlora  # pylint: disable=import-outside-toplevel

@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                      "the trainable share, adapter size and where everything was written. No "
                      "download.")
   d.add_argument("--out", default="runs/demo", help="output directory (runs/demo)")
-  d.add_argument("--steps", type=int, default=400, help="training steps (400)")
+  d.add_argument("--steps", type=int, default=800, help="training steps (800)")
   d.add_argument("--seed", type=int, default=0, help="seed for the word split and init")
   d.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p

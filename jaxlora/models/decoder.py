@@ -176,11 +176,14 @@ class Decoder(nn.Module):
     dtype: compute dtype (bfloat16 on accelerators, float32 on CPU).
     param_dtype: dtype of freshly initialised params.
     remat: None, or a rematerialisation policy name: 'full', 'dots', 'dots_no_batch'.
+    scan_unroll: layers per iteration of the `nn.scan` loop (`num_hidden_layers` unrolls it
+      fully). The params keep their stacked layout either way.
   """
   config: ModelConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: str | None = None
+  scan_unroll: int = 1
 
   def lora_layout(self, params) -> kernel_layout.Layout:
     """The kernel layout of this model, so that ``jaxlora.wrap(..., layout=model)`` works."""
@@ -245,6 +248,7 @@ class Decoder(nn.Module):
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
     stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                     in_axes=(nn.broadcast, 0), length=cfg.num_hidden_layers,
+                    unroll=self.scan_unroll,
                     metadata_params={nn.PARTITION_NAME: "layers"})
     layer_cache = None if cache is None else (cache["k"], cache["v"])
     x, new_kv = stack(cfg, self.dtype, self.param_dtype, name="h" if cfg.is_gpt2 else "layers")(

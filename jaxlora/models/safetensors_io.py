@@ -73,6 +73,12 @@ class SafetensorsFile:
     return buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def save_file(tensors: Mapping[str, np.ndarray], path: str,
               metadata: Mapping[str, str] | None = None) -> None:
   """Writes `tensors` to `path` atomically (a temporary file renamed into place)."""
@@ -101,6 +107,7 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str,
         a.tofile(f)  # native order: little-endian on every platform JAX runs on
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -254,3 +254,14 @@ def test_every_config_key_is_documented(capsys):
     main(["train", "--help"])
   out = capsys.readouterr().out
   assert all(k in out for k in keys)
+
+
+def test_bf16_compute_dropout_and_periodic_eval(model_dir, data_dir, tmp_path):
+  out = tmp_path / "r"
+  assert main(_args(model_dir, data_dir / "pc.jsonl", out, "train.steps=4", "model.dtype=bfloat16",
+                    "lora.dropout=0.1", "data.eval_fraction=0.1", "train.eval_every=2")) == 0
+  recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in recs if "eval_loss" in r] == [0, 2, 4]
+  assert all(np.isfinite(r.get("loss", 0.0)) for r in recs)
+  rec = jaxlora.checkpoint.info(str(out / "adapter"))
+  assert all(l["dtype"] == "float32" for l in rec["layers"].values())  # fp32 adapters, bf16 compute

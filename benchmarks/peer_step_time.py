@@ -53,6 +53,8 @@ import sys
 import tempfile
 import time
 
+import machine  # benchmarks/machine.py, beside this script
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 VOCAB = 50257
@@ -246,24 +248,6 @@ def measure_peaks(args):
 # ----------------------------------------------------------------------------- main
 
 
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
-
-
-def _ram_gib() -> float:
-  try:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-  except (ValueError, OSError, AttributeError):
-    return float("nan")
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--layers", type=int, default=12)
@@ -287,7 +271,7 @@ def main():
         f"vocab={VOCAB} n_positions={N_POSITIONS}, tied embeddings, random weights, float32; "
         f"batch {args.batch} x {args.seq} tokens; LoRA r={RANK} alpha={ALPHA} on "
         f"c_attn/attn.c_proj/c_fc/mlp.c_proj; adamw lr {LR} wd {WEIGHT_DECAY}")
-  print(f"{_cpu_model()}, {os.cpu_count()} CPUs, {_ram_gib():.0f} GiB RAM, "
+  print(f"{machine.cpu_model()}, {os.cpu_count()} CPUs, {machine.ram_gib():.0f} GiB RAM, "
         f"Python {platform.python_version()}", flush=True)
 
   with tempfile.TemporaryDirectory() as ckpt:

@@ -40,6 +40,8 @@ import subprocess
 import sys
 import time
 
+import machine  # benchmarks/machine.py, beside this script
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -263,24 +265,6 @@ def measure_peaks(args):
 # ----------------------------------------------------------------------------- main
 
 
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
-
-
-def _ram_gib() -> float:
-  try:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-  except (ValueError, OSError, AttributeError):
-    return float("nan")
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--layers", type=int, default=12)
@@ -297,8 +281,8 @@ def main():
   print(f"GPT-2-small-shaped decoder: layers={args.layers} d={D_MODEL} heads={HEADS} "
         f"mlp={D_MLP} vocab={VOCAB}, tied head, batch {args.batch} x {args.seq} tokens, "
         f"LoRA r={RANK} on qkv/proj/fc/out, float32")
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({_cpu_model()}), "
-        f"{os.cpu_count()} CPUs, {_ram_gib():.0f} GiB RAM, Python {platform.python_version()}",
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({machine.cpu_model()}), "
+        f"{os.cpu_count()} CPUs, {machine.ram_gib():.0f} GiB RAM, Python {platform.python_version()}",
         flush=True)
 
   peaks = None

@@ -1,11 +1,17 @@
-"""Shardings for adapter leaves that follow their kernel's sharding."""
+"""Meshes, logical-axis rules and shardings for base params, adapters and optimizer state."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlora import _tree
 from jaxlora import kernel_layout as layout_lib
@@ -64,3 +70,175 @@ def adapter_shardings(tree: Any) -> Any:
   adapter_only = _tree.filter_tree(p, lambda k: k in _tree.ADAPTER_KEYS, prune=True)
   result = _tree.replace_modules(adapter_only, new)
   return _tree.with_params(tree, result) if _tree.is_variables(tree) else result
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis names used by jaxlora.models -> mesh axes.
+FSDP_RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vocab", None), ("heads", None),
+              ("kv_heads", None), ("qkv", None), ("mlp", None), ("layers", None), ("norm", None))
+FSDP_TP_RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vocab", "tensor"),
+                 ("heads", "tensor"), ("kv_heads", "tensor"), ("qkv", "tensor"),
+                 ("mlp", "tensor"), ("layers", None), ("norm", None))
+
+
+def make_mesh(*, data: int = 1, fsdp: int = -1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh; one size may be -1 for "all remaining devices".
+
+  Args:
+    data: data-parallel size (replicated params).
+    fsdp: fully sharded data-parallel size (params sharded over it, batch too).
+    tensor: tensor-parallel size.
+    devices: devices to use (default: all, in `jax.devices()` order).
+
+  Returns:
+    A `jax.sharding.Mesh` with Auto axis types (jit-with-shardings style).
+
+  Raises:
+    ValueError: if the sizes do not multiply to the device count.
+
+  >>> import jaxlora
+  >>> mesh = jaxlora.sharding.make_mesh(fsdp=-1)
+  >>> mesh.axis_names
+  ('data', 'fsdp', 'tensor')
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}: use positive sizes "
+                     "and at most one -1.")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices cannot be split with data={data}, fsdp={fsdp}, "
+                       f"tensor={tensor}.")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
+                     f"{math.prod(sizes)} devices, but {len(devices)} are available.")
+  arr = np.asarray(devices, dtype=object).reshape(sizes)
+  return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+  """Drops mesh axes from dims they do not divide (small or odd-sized dims stay whole)."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[n] for n in names)
+    out.append(axes if names and dim % size == 0 else None)
+  return PartitionSpec(*out)
+
+
+def param_shardings(model: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = FSDP_RULES) -> Any:
+  """NamedShardings for the (unboxed) params of a `jaxlora.models.Decoder`.
+
+  Kernels are annotated with logical axis names; `rules` map them to mesh
+  axes. A dim that a mesh axis does not divide is left unsharded.
+
+  >>> import jax, jaxlora
+  >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> model = jaxlora.models.Decoder(cfg)
+  >>> mesh = jaxlora.sharding.make_mesh(fsdp=-1)
+  >>> sh = jaxlora.sharding.param_shardings(model, mesh)
+  >>> sh["layers"]["mlp"]["up_proj"]["kernel"].spec[1]
+  'fsdp'
+  """
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+  specs = nn.get_partition_spec(boxed)["params"]
+  shapes = nn.unbox(boxed)["params"]
+  logical = nn.logical_to_mesh(specs, rules)
+  return jax.tree.map(lambda s, x: NamedSharding(mesh, _fit(s, x.shape, mesh)), logical, shapes,
+                      is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+def tree_shardings(tree: Any, base_shardings: Any) -> Any:
+  """Shardings for a wrapped tree: base leaves from `base_shardings`, adapters follow kernels.
+
+  Args:
+    tree: a wrapped params tree (arrays or ShapeDtypeStructs).
+    base_shardings: shardings of the unwrapped params (e.g. `param_shardings`).
+
+  Returns:
+    A tree of shardings with the structure of `tree`.
+  """
+  p = _tree.get_params(tree)
+  base = _tree.filter_tree(p, lambda k: k not in _tree.ADAPTER_KEYS, prune=False)
+  with_sharding = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                               base, _tree.get_params(base_shardings))
+  adapters = _tree.filter_tree(p, lambda k: k in _tree.ADAPTER_KEYS, prune=True)
+  abstract = _tree.merge_trees(with_sharding, adapters)
+  return _tree.merge_trees(_tree.get_params(base_shardings), adapter_shardings(abstract))
+
+
+def opt_state_shardings(tx: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:
+  """Optimizer-state shardings: param-shaped state follows its param; the rest is replicated.
+
+  Args:
+    tx: the optax transformation.
+    params: the tree `tx.init` is called on (arrays or ShapeDtypeStructs).
+    shardings: shardings of `params`.
+    mesh: the mesh (for replicated scalars such as step counts).
+  """
+  state = jax.eval_shape(tx.init, params)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return optax.tree_map_params(tx, lambda _, s: s, state, shardings,
+                               transform_non_params=lambda _: replicated,
+                               is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def bytes_per_device(tree: Any, shardings: Any) -> int:
+  """Bytes one device holds of `tree` under `shardings` (from shapes and specs alone)."""
+  total = 0
+  for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(
+      shardings, is_leaf=lambda v: isinstance(v, jax.sharding.Sharding))):
+    shard = s.shard_shape(tuple(x.shape)) if hasattr(s, "shard_shape") else tuple(x.shape)
+    total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-linear",
+                rules: Sequence[tuple[str, Any]] = FSDP_RULES, tx: Any = None,
+                adapter_dtype: Any = None) -> dict[str, int]:
+  """Per-device bytes of base params, adapters and optimizer state, computed from shapes.
+
+  Nothing is allocated: the model is traced abstractly. Activations are not
+  included (they depend on batch, sequence length and remat policy).
+
+  Args:
+    model: a `jaxlora.models.Decoder` (its `param_dtype` sets the base bytes).
+    mesh: the device mesh.
+    rank, targets: as for `jaxlora.wrap`.
+    rules: logical-axis rules.
+    tx: optimizer (default: optax.adamw, two moments per adapter parameter).
+    adapter_dtype: as `jaxlora.wrap(dtype=...)`.
+
+  Returns:
+    ``{'base', 'adapter', 'optimizer', 'total'}`` in bytes per device.
+
+  >>> import jaxlora
+  >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> plan = jaxlora.sharding.memory_plan(jaxlora.models.Decoder(cfg),
+  ...                                     jaxlora.sharding.make_mesh(fsdp=-1), rank=2)
+  >>> sorted(plan)
+  ['adapter', 'base', 'optimizer', 'total']
+  """
+  from jaxlora import transform  # pylint: disable=import-outside-toplevel
+
+  base_sh = param_shardings(model, mesh, rules)
+  abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0),
+                                                        jnp.zeros((1, 1), jnp.int32)))["params"])
+  lay = model.lora_layout(abstract)
+  wrapped = jax.eval_shape(lambda p: transform.wrap(p, rank=rank, targets=targets, layout=lay,
+                                                    key=jax.random.key(0), dtype=adapter_dtype),
+                           abstract)
+  sh = tree_shardings(wrapped, base_sh)
+  trainable, _ = transform.split(wrapped)
+  t_sh, _ = transform.split(sh)
+  tx = tx if tx is not None else optax.adamw(1e-4)
+  state = jax.eval_shape(tx.init, trainable)
+  base = bytes_per_device(abstract, base_sh)
+  adapter = bytes_per_device(transform.adapter(wrapped), transform.adapter(sh))
+  opt = bytes_per_device(state, opt_state_shardings(tx, trainable, t_sh, mesh))
+  return {"base": base, "adapter": adapter, "optimizer": opt, "total": base + adapter + opt}

@@ -97,7 +97,7 @@ def _open_weights(path: str) -> dict[str, safetensors_io.SafetensorsFile]:
 
 
 def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                    remat: str | None = None) -> tuple[Decoder, dict]:
+                    remat: str | None = None, shardings: Any = None) -> tuple[Decoder, dict]:
   """Loads a Hugging Face GPT-2 or Llama-family checkpoint from a local directory.
 
   Reads `config.json` and `model.safetensors` (or a sharded
@@ -110,6 +110,9 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
     dtype: compute dtype of the returned model.
     param_dtype: dtype the params are stored in.
     remat: rematerialisation policy of the layers (see `Decoder`).
+    shardings: optional tree of shardings like the params (e.g. from
+      `jaxlora.sharding.param_shardings`): each tensor is placed straight into its
+      shards, so no device ever holds a whole copy of a sharded weight.
 
   Returns:
     ``(model, params)``; ``model.apply({'params': params}, input_ids, attention_mask=...)``
@@ -161,9 +164,16 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
     else:
       out = np.asarray(fetch(_hf_name(cfg, path_t, None, prefix), leaf.shape, transpose),
                        leaf.dtype)
+    sharding = shard_map.get(path_t)
+    if sharding is not None:
+      return jax.make_array_from_callback(out.shape, sharding, lambda idx: out[idx])
     return jnp.asarray(out)  # one tensor at a time: the numpy copy is freed right after
 
   flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  shard_map = {}
+  if shardings is not None:
+    shard_map = {tuple(k.key for k in kp): s for kp, s in jax.tree_util.tree_flatten_with_path(
+        _tree.get_params(shardings), is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}
   loaded = {}
   for kp, leaf in flat:
     path_t = tuple(k.key for k in kp)

@@ -69,12 +69,30 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class MeshConfig:
+  data: int = 1
+  fsdp: int = -1          # -1: all remaining devices
+  tensor: int = 1
+  rules: str = "fsdp"     # fsdp | fsdp_tp
+
+
+@dataclasses.dataclass
+class DistributedConfig:
+  initialize: bool = False
+  coordinator_address: Union[str, None] = None
+  num_processes: Union[int, None] = None
+  process_id: Union[int, None] = None
+
+
+@dataclasses.dataclass
 class Config:
   output_dir: str = "runs/default"
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -86,6 +104,7 @@ _CHOICES = {
     "model.remat": (None, "full", "dots", "dots_no_batch"),
     "lora.init": ("kaiming", "gaussian"),
     "data.format": ("text", "prompt_completion", "chat"),
+    "mesh.rules": ("fsdp", "fsdp_tp"),
 }
 
 
@@ -245,6 +264,16 @@ DOCS = {
     "train.keep_checkpoints": "how many recent checkpoints to keep",
     "train.log_every": "write metrics every N steps",
     "train.seed": "seed for the adapter init and dropout",
+    "mesh.data": "data-parallel mesh size (params replicated)",
+    "mesh.fsdp": "FSDP mesh size (params and batch sharded); -1: all remaining devices",
+    "mesh.tensor": "tensor-parallel mesh size",
+    "mesh.rules": "logical-axis rules: fsdp (shard the embed axis) or fsdp_tp (plus heads/mlp "
+                  "over tensor)",
+    "distributed.initialize": "call jax.distributed.initialize() first (multi-host; TPU pods "
+                              "and SLURM need no other setting)",
+    "distributed.coordinator_address": "host:port of process 0 (GPU clusters without SLURM)",
+    "distributed.num_processes": "number of processes (GPU clusters without SLURM)",
+    "distributed.process_id": "this process's index (GPU clusters without SLURM)",
 }
 
 

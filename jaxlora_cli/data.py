@@ -197,12 +197,19 @@ def collate(examples: list[Example], accum: int, max_length: int, pad_id: int) -
 
 
 def eval_batches(examples: list[Example], batch_size: int, max_length: int, pad_id: int,
-                 limit: int = 0) -> list[dict]:
-  """Fixed, unshuffled evaluation batches (length-sorted to limit padding)."""
+                 limit: int = 0, pad_rows: bool = False) -> list[dict]:
+  """Fixed, unshuffled evaluation batches (length-sorted to limit padding).
+
+  With `pad_rows`, the last batch is filled up to `batch_size` with empty rows
+  (no targets), so that every batch splits evenly over a device mesh.
+  """
   order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
   batches = []
+  empty = Example(np.asarray([pad_id], np.int32), np.zeros(1, np.float32))
   for s in range(0, len(order), batch_size):
     chunk = [examples[i] for i in order[s:s + batch_size]]
+    if pad_rows:
+      chunk += [empty] * (batch_size - len(chunk))
     batches.append(collate(chunk, 1, max_length, pad_id))
     if limit and len(batches) >= limit:
       break

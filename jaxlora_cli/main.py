@@ -92,10 +92,17 @@ def _cmd_train(args) -> None:
   from jaxlora_cli import trainer  # pylint: disable=import-outside-toplevel
 
   cfg = config_lib.load(args.config, args.overrides)
+  if cfg.distributed.initialize:
+    import jax  # pylint: disable=import-outside-toplevel
+    kwargs = {k: getattr(cfg.distributed, k) for k in
+              ("coordinator_address", "num_processes", "process_id")
+              if getattr(cfg.distributed, k) is not None}
+    jax.distributed.initialize(**kwargs)  # TPU pods and SLURM need no arguments
   result = trainer.train(cfg, progress=not args.no_progress,
                          log=lambda s: print(s, file=sys.stderr))
-  print(json.dumps(result, indent=2))
-  print(f"report: {os.path.join(cfg.output_dir, 'report.md')}", file=sys.stderr)
+  if result:  # empty on processes other than 0
+    print(json.dumps(result, indent=2))
+    print(f"report: {os.path.join(cfg.output_dir, 'report.md')}", file=sys.stderr)
 
 
 def _cmd_eval(args) -> None:

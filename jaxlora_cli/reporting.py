@@ -45,6 +45,16 @@ class Metrics:
       f.writelines(json.dumps(l) + "\n" for l in keep)
 
 
+class NullMetrics:
+  """Metrics sink for processes other than process 0."""
+
+  def write(self, record: dict[str, Any]) -> None:
+    del record
+
+  def truncate(self, step: int) -> None:
+    del step
+
+
 def read(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(l) for l in f if l.strip()]

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxlora
 from jaxlora_cli import config as config_lib
@@ -26,7 +27,20 @@ class TrainingDiverged(RuntimeError):
   """The loss became NaN or infinite."""
 
 
-def load_model(cfg: Config):
+def make_mesh(cfg: Config):
+  try:
+    return jaxlora.sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp,
+                                      tensor=cfg.mesh.tensor)
+  except ValueError as e:
+    raise ConfigError(f"mesh: {e}") from None
+
+
+def rules(cfg: Config):
+  return (jaxlora.sharding.FSDP_TP_RULES if cfg.mesh.rules == "fsdp_tp"
+          else jaxlora.sharding.FSDP_RULES)
+
+
+def load_model(cfg: Config, mesh=None):
   path = cfg.model.path
   if not path:
     raise ConfigError("no model given: set model.path=<local Hugging Face checkpoint directory>")
@@ -35,7 +49,9 @@ def load_model(cfg: Config):
   try:
     model, params = jaxlora.models.from_pretrained(
         path, dtype=jnp.dtype(cfg.model.dtype), param_dtype=jnp.dtype(cfg.model.param_dtype),
-        remat=cfg.model.remat)
+        remat=cfg.model.remat,
+        shardings=None if mesh is None else
+        (lambda m: jaxlora.sharding.param_shardings(m, mesh, rules(cfg))))
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(str(e)) from None
   return model, params
@@ -108,10 +124,10 @@ def _token_loss(fwd, trainable, frozen, batch, key):
   return jnp.sum(ce * weights), jnp.sum(weights)
 
 
-def make_train_step(model, tx, dropout: float):
+def make_train_step(model, tx, dropout: float, shardings=None):
+  """The jitted step; `shardings` = (trainable, opt_state, frozen, batch, replicated)."""
   fwd = jaxlora.apply(model.apply, dropout=dropout)
 
-  @jax.jit
   def step(trainable, opt_state, frozen, batch, key):
     keys = jax.random.split(key, batch["input_ids"].shape[0])
 
@@ -130,10 +146,15 @@ def make_train_step(model, tx, dropout: float):
     return (optax.apply_updates(trainable, updates), opt_state,
             {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads), "tokens": n})
 
-  return step
+  if shardings is None:
+    return jax.jit(step)
+  t_sh, o_sh, f_sh, b_sh, rep = shardings
+  return jax.jit(step, in_shardings=(t_sh, o_sh, f_sh, b_sh, rep),
+                 out_shardings=(t_sh, o_sh, rep))
 
 
-def make_eval(model):
+def make_eval(model, place=None):
+  """Mean eval loss over fixed batches; `place` puts a host batch on the mesh."""
   fwd = jaxlora.apply(model.apply)
 
   @jax.jit
@@ -144,7 +165,7 @@ def make_eval(model):
   def run(trainable, frozen, batches):
     total, count = 0.0, 0.0
     for b in batches:
-      l, n = ev(trainable, frozen, b)
+      l, n = ev(trainable, frozen, place(b) if place else b)
       total, count = total + float(l), count + float(n)
     return total / max(count, 1.0)
 
@@ -179,13 +200,20 @@ def check_run_dir(cfg: Config) -> bool:
 def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
   """Runs (or resumes) training; returns a summary dict. Writes everything under cfg.output_dir."""
   resume = check_run_dir(cfg)
-  model, params = load_model(cfg)
+  mesh = make_mesh(cfg)
+  n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if cfg.train.batch_size % n_batch_shards:
+    raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of "
+                      f"mesh.data x mesh.fsdp = {n_batch_shards}")
+  main_process = jax.process_index() == 0
+  model, params = load_model(cfg, mesh)
   tok = load_tokenizer(cfg.model.path)
   train_ex, eval_ex = load_data(cfg, tok, model.config.max_position_embeddings)
   out = cfg.output_dir
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "config.yaml"), "w") as f:
-    f.write(config_lib.dump(cfg))
+  if main_process:  # only process 0 writes logs, metrics and exports
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+      f.write(config_lib.dump(cfg))
 
   lc = cfg.lora
   try:
@@ -195,10 +223,26 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
                         init=lc.init, layout=model, key=jax.random.key(cfg.train.seed))
   except (ValueError, TypeError) as e:
     raise ConfigError(f"lora: {e}") from None
-  trainable, frozen = jaxlora.split(tree)
   summary = jaxlora.summary(tree)
   tx = optimizer(cfg)
-  opt_state = tx.init(trainable)
+  # Adapters follow their kernels' shardings; optimizer state follows its params.
+  t_sh, f_sh = jaxlora.split(jaxlora.sharding.tree_shardings(
+      tree, jax.tree.map(lambda x: x.sharding, params)))
+  rep = NamedSharding(mesh, PartitionSpec())
+  b_sh = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
+  trainable, frozen = jaxlora.split(tree)
+  trainable, frozen = jax.device_put(trainable, t_sh), jax.device_put(frozen, f_sh)
+  o_sh = jaxlora.sharding.opt_state_shardings(tx, trainable, t_sh, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=o_sh)(trainable)
+
+  def place(batch):
+    """The global batch on the mesh; each process contributes only its own rows."""
+    if jax.process_count() == 1:
+      return jax.device_put(batch, b_sh)
+    n, k = jax.process_count(), jax.process_index()
+    rows = batch["input_ids"].shape[1] // n
+    return {name: jax.make_array_from_process_local_data(
+        b_sh, v[:, k * rows:(k + 1) * rows], v.shape) for name, v in batch.items()}
   rng = jax.random.key(cfg.train.seed + 1)
   pid = pad_id(tok)
   batcher = data_lib.Batcher(train_ex, cfg.train.batch_size, cfg.data.max_length,
@@ -206,7 +250,7 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
   ckpt = jaxlora.CheckpointManager(os.path.join(os.path.abspath(out), "checkpoints"),
                                    max_to_keep=cfg.train.keep_checkpoints,
                                    save_interval_steps=cfg.train.save_every)
-  metrics = reporting.Metrics(out)
+  metrics = reporting.Metrics(out) if main_process else reporting.NullMetrics()
   start = 0
   if resume and ckpt.latest_step() is not None:
     try:
@@ -219,10 +263,10 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
     batcher.state = state["data_state"]
     metrics.truncate(start)
     log(f"resuming {out} from step {start}")
-  step_fn = make_train_step(model, tx, lc.dropout)
-  eval_fn = make_eval(model)
+  step_fn = make_train_step(model, tx, lc.dropout, (t_sh, o_sh, f_sh, b_sh, rep))
+  eval_fn = make_eval(model, place)
   ebatches = data_lib.eval_batches(eval_ex, cfg.train.batch_size, cfg.data.max_length, pid,
-                                   cfg.train.eval_batches)
+                                   cfg.train.eval_batches, pad_rows=True)
   eval_before = None
   if ebatches and start == 0:
     eval_before = eval_fn(trainable, frozen, ebatches)
@@ -235,7 +279,7 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
   t_rate, tok_rate = None, 0.0  # throughput counts from the end of the first (compiling) step
   try:
     for step in range(start, cfg.train.steps):
-      batch = batcher.next(cfg.train.grad_accum)
+      batch = place(batcher.next(cfg.train.grad_accum))
       rng, sub = jax.random.split(rng)
       new_t, new_o, m = step_fn(trainable, opt_state, frozen, batch, sub)
       loss = float(m["loss"])
@@ -273,6 +317,16 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
   eval_after = eval_fn(trainable, frozen, ebatches) if ebatches else None
   if eval_after is not None:
     metrics.write({"step": cfg.train.steps, "eval_loss": eval_after})
+  if jax.process_count() > 1:
+    # The adapter is small: gather it to every host; the base enters the saved record only
+    # through its shapes.
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    host_adapter = multihost_utils.process_allgather(jaxlora.adapter(tuned))
+    base_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                               jaxlora.split(tuned)[1])
+    tuned = jaxlora.combine(jaxlora.split(host_adapter)[0], base_shapes)
+  if not main_process:
+    return {}
   adapter_dir = os.path.join(out, "adapter")
   jaxlora.save(adapter_dir, tuned, metadata={"config": cfg.to_dict(), "step": cfg.train.steps})
   jaxlora.peft.save(os.path.join(out, "adapter_peft"), tuned, model=model,

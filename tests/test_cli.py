@@ -265,3 +265,33 @@ def test_bf16_compute_dropout_and_periodic_eval(model_dir, data_dir, tmp_path):
   assert all(np.isfinite(r.get("loss", 0.0)) for r in recs)
   rec = jaxlora.checkpoint.info(str(out / "adapter"))
   assert all(l["dtype"] == "float32" for l in rec["layers"].values())  # fp32 adapters, bf16 compute
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices, as in CI")
+def test_mesh_options_shard_the_run_and_agree(model_dir, data_dir, tmp_path):
+  runs = {"fsdp8": ["mesh.fsdp=8"],
+          "dp2_fsdp2_tp2": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.rules=fsdp_tp"]}
+  adapters = {}
+  for name, extra in runs.items():
+    assert main(_args(model_dir, data_dir / "pc.jsonl", tmp_path / name, "train.steps=2",
+                      *extra)) == 0
+    model, params = jaxlora.models.from_pretrained(model_dir)
+    adapters[name] = jaxlora.load(str(tmp_path / name / "adapter"), params)
+  losses = [[r["loss"] for r in map(json.loads, (tmp_path / n / "metrics.jsonl").read_text()
+                                    .splitlines()) if "loss" in r] for n in runs]
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+  for a, b in zip(*(jax.tree.leaves(jaxlora.adapter(t)) for t in adapters.values())):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.linalg.norm(a - b) <= 1e-4 * max(np.linalg.norm(b), 1e-12)
+
+
+def test_mesh_errors(model_dir, data_dir, tmp_path, capsys):
+  args = _args(model_dir, data_dir / "pc.jsonl", tmp_path / "r", "train.steps=1", "mesh.data=3",
+               "mesh.fsdp=1")
+  assert main(args) == 2
+  assert "error: mesh:" in capsys.readouterr().err
+  if jax.device_count() >= 8:
+    args = _args(model_dir, data_dir / "pc.jsonl", tmp_path / "r", "train.steps=1",
+                 "train.batch_size=4", "mesh.fsdp=8")
+    assert main(args) == 2
+    assert "multiple of mesh.data x mesh.fsdp = 8" in capsys.readouterr().err

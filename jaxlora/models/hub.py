@@ -111,8 +111,9 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
     param_dtype: dtype the params are stored in.
     remat: rematerialisation policy of the layers (see `Decoder`).
     shardings: optional tree of shardings like the params (e.g. from
-      `jaxlora.sharding.param_shardings`): each tensor is placed straight into its
-      shards, so no device ever holds a whole copy of a sharded weight.
+      `jaxlora.sharding.param_shardings`), or a function of the model that returns
+      one: each tensor is placed straight into its shards, so no device ever
+      holds a whole copy of a sharded weight.
 
   Returns:
     ``(model, params)``; ``model.apply({'params': params}, input_ids, attention_mask=...)``
@@ -171,6 +172,8 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
 
   flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
   shard_map = {}
+  if callable(shardings):
+    shardings = shardings(model)
   if shardings is not None:
     shard_map = {tuple(k.key for k in kp): s for kp, s in jax.tree_util.tree_flatten_with_path(
         _tree.get_params(shardings), is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}

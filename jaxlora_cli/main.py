@@ -97,6 +97,8 @@ def _cmd_train(args) -> None:
     kwargs = {k: getattr(cfg.distributed, k) for k in
               ("coordinator_address", "num_processes", "process_id")
               if getattr(cfg.distributed, k) is not None}
+    # CPU processes (tests, laptops) need gloo collectives; accelerators ignore the setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)  # TPU pods and SLURM need no arguments
   result = trainer.train(cfg, progress=not args.no_progress,
                          log=lambda s: print(s, file=sys.stderr))

@@ -200,6 +200,9 @@ def check_run_dir(cfg: Config) -> bool:
 def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
   """Runs (or resumes) training; returns a summary dict. Writes everything under cfg.output_dir."""
   resume = check_run_dir(cfg)
+  if jax.process_count() > 1:  # every process decides before process 0 writes anything
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices("jaxlora: run directory checked")
   mesh = make_mesh(cfg)
   n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if cfg.train.batch_size % n_batch_shards:

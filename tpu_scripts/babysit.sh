@@ -85,15 +85,7 @@ while (($#)); do
     --max-restarts) need_value "$@"; MAX_RESTARTS=$2; shift 2 ;;
     --poll-interval) need_value "$@"; POLL_INTERVAL=$2; shift 2 ;;
     --retry-errors) RETRY_ERRORS=1; shift ;;
-    *)
-      if parse_common_flag "$@"; then
-        shift "$CONSUMED"
-      elif [[ $1 == -* ]]; then
-        die_usage "unknown option $1 (see --help)"
-      else
-        OVERRIDES+=("$1")
-        shift
-      fi ;;
+    *) parse_other_arg 1 "$@"; shift "$CONSUMED" ;;
   esac
 done
 

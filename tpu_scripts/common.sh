@@ -182,3 +182,24 @@ wait_active() {  # wait_active TIMEOUT POLL_INTERVAL
     sleep "$interval"
   done
 }
+
+# An argument no script-specific case matched: a common flag, else an unknown option (usage
+# error), else a positional config override where the script takes them ($1 = 1).
+# Sets CONSUMED to the number of arguments used.
+# shellcheck disable=SC2034  # CONSUMED is read by the caller
+parse_other_arg() {
+  local allow_positional=$1
+  shift
+  if parse_common_flag "$@"; then
+    return 0
+  fi
+  if [[ $1 == -* ]]; then
+    die_usage "unknown option $1 (see --help)"
+  fi
+  if [[ $allow_positional == 1 ]]; then
+    OVERRIDES+=("$1")
+    CONSUMED=1
+    return 0
+  fi
+  die_usage "unexpected argument '$1' (see --help)"
+}

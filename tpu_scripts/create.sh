@@ -54,14 +54,7 @@ while (($#)); do
     --timeout) need_value "$@"; TIMEOUT=$2; shift 2 ;;
     --poll-interval) need_value "$@"; POLL_INTERVAL=$2; shift 2 ;;
     --no-wait) WAIT=0; shift ;;
-    *)
-      if parse_common_flag "$@"; then
-        shift "$CONSUMED"
-      elif [[ $1 == -* ]]; then
-        die_usage "unknown option $1 (see --help)"
-      else
-        die_usage "unexpected argument '$1' (see --help)"
-      fi ;;
+    *) parse_other_arg 0 "$@"; shift "$CONSUMED" ;;
   esac
 done
 

@@ -53,15 +53,7 @@ while (($#)); do
     --run-name) need_value "$@"; RUN_NAME=$2; shift 2 ;;
     --env) need_value "$@"; ENVS+=("$2"); shift 2 ;;
     --fetch-logs) need_value "$@"; FETCH_LOGS=$2; shift 2 ;;
-    *)
-      if parse_common_flag "$@"; then
-        shift "$CONSUMED"
-      elif [[ $1 == -* ]]; then
-        die_usage "unknown option $1 (see --help)"
-      else
-        OVERRIDES+=("$1")
-        shift
-      fi ;;
+    *) parse_other_arg 1 "$@"; shift "$CONSUMED" ;;
   esac
 done
 

@@ -44,14 +44,7 @@ while (($#)); do
     --ref) need_value "$@"; REF=$2; shift 2 ;;
     --jax-spec) need_value "$@"; JAX_SPEC=$2; shift 2 ;;
     --post-command) need_value "$@"; POST_COMMAND=$2; shift 2 ;;
-    *)
-      if parse_common_flag "$@"; then
-        shift "$CONSUMED"
-      elif [[ $1 == -* ]]; then
-        die_usage "unknown option $1 (see --help)"
-      else
-        die_usage "unexpected argument '$1' (see --help)"
-      fi ;;
+    *) parse_other_arg 0 "$@"; shift "$CONSUMED" ;;
   esac
 done
 check_common

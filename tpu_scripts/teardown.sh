@@ -28,14 +28,7 @@ while (($#)); do
   case $1 in
     --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
     --async) ASYNC=1; shift ;;
-    *)
-      if parse_common_flag "$@"; then
-        shift "$CONSUMED"
-      elif [[ $1 == -* ]]; then
-        die_usage "unknown option $1 (see --help)"
-      else
-        die_usage "unexpected argument '$1' (see --help)"
-      fi ;;
+    *) parse_other_arg 0 "$@"; shift "$CONSUMED" ;;
   esac
 done
 check_common

@@ -145,7 +145,12 @@ def param_shardings(model: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = F
   >>> sh["layers"]["mlp"]["up_proj"]["kernel"].spec[1]
   'fsdp'
   """
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+  from jaxlora.models.decoder import abstract_variables  # pylint: disable=import-outside-toplevel
+  return _shardings_of(abstract_variables(model), mesh, rules)
+
+
+def _shardings_of(boxed: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+  """Param shardings from abstract boxed variables (logical names -> mesh axes)."""
   specs = nn.get_partition_spec(boxed)["params"]
   shapes = nn.unbox(boxed)["params"]
   logical = nn.logical_to_mesh(specs, rules)
@@ -225,10 +230,11 @@ def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-l
   ['adapter', 'base', 'optimizer', 'total']
   """
   from jaxlora import transform  # pylint: disable=import-outside-toplevel
+  from jaxlora.models.decoder import abstract_variables  # pylint: disable=import-outside-toplevel
 
-  base_sh = param_shardings(model, mesh, rules)
-  abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0),
-                                                        jnp.zeros((1, 1), jnp.int32)))["params"])
+  boxed = abstract_variables(model)  # traced once, for both shapes and shardings
+  base_sh = _shardings_of(boxed, mesh, rules)
+  abstract = nn.unbox(boxed)["params"]
   lay = model.lora_layout(abstract)
   wrapped = jax.eval_shape(lambda p: transform.wrap(p, rank=rank, targets=targets, layout=lay,
                                                     key=jax.random.key(0), dtype=adapter_dtype),

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from typing import Any
 
@@ -104,11 +103,11 @@ def schedule(cfg: Config):
   return optax.cosine_decay_schedule(t.lr, t.steps, alpha=t.min_lr_ratio)
 
 
-def optimizer(cfg: Config) -> optax.GradientTransformation:
+def optimizer(cfg: Config, lr_schedule) -> optax.GradientTransformation:
   parts = []
   if cfg.train.max_grad_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.train.max_grad_norm))
-  parts.append(optax.adamw(schedule(cfg), weight_decay=cfg.train.weight_decay))
+  parts.append(optax.adamw(lr_schedule, weight_decay=cfg.train.weight_decay))
   return optax.chain(*parts)
 
 
@@ -185,9 +184,9 @@ def check_run_dir(cfg: Config) -> bool:
     return False
   old = config_lib.load(saved).to_dict()
   new = cfg.to_dict()
-  for section in ("train",):  # a longer run may continue an earlier one
-    old[section] = {**old[section], "steps": None}
-    new[section] = {**new[section], "steps": None}
+  # A longer run may continue an earlier one.
+  old["train"] = {**old["train"], "steps": None}
+  new["train"] = {**new["train"], "steps": None}
   diffs = [f"{s}.{k}" for s in new if isinstance(new[s], dict)
            for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
   diffs += [s for s in new if not isinstance(new[s], dict) and old.get(s) != new[s]]
@@ -227,7 +226,8 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
   except (ValueError, TypeError) as e:
     raise ConfigError(f"lora: {e}") from None
   summary = jaxlora.summary(tree)
-  tx = optimizer(cfg)
+  lr_schedule = schedule(cfg)
+  tx = optimizer(cfg, lr_schedule)
   # Adapters follow their kernels' shardings; optimizer state follows its params.
   t_sh, f_sh = jaxlora.split(jaxlora.sharding.tree_shardings(
       tree, jax.tree.map(lambda x: x.sharding, params)))
@@ -304,7 +304,7 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
       bar.update(done, loss, rate)
       if done % cfg.train.log_every == 0 or done == cfg.train.steps:
         metrics.write({"step": done, "loss": loss, "grad_norm": float(m["grad_norm"]),
-                       "lr": float(schedule(cfg)(done - 1)), "tokens_per_s": rate,
+                       "lr": float(lr_schedule(done - 1)), "tokens_per_s": rate,
                        "elapsed_s": elapsed})
       if ebatches and cfg.train.eval_every and done % cfg.train.eval_every == 0 \
           and done != cfg.train.steps:
@@ -376,7 +376,3 @@ def copy_tokenizer(src: str, dst: str) -> None:
   for name in os.listdir(src):
     if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "generation_config")):
       shutil.copy(os.path.join(src, name), os.path.join(dst, name))
-
-
-def stderr(msg: str) -> None:
-  print(msg, file=sys.stderr)

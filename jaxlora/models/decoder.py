@@ -278,6 +278,11 @@ def _lora_layout(model: "Decoder", params) -> kernel_layout.Layout:
   return kernel_layout.layout(model.apply, {"params": _tree.get_params(params)}, ids)
 
 
+def abstract_variables(model: "Decoder") -> dict:
+  """The (boxed) variables `model.init` would create, as ShapeDtypeStructs; nothing is allocated."""
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+
+
 def init_cache(config: ModelConfig, batch: int, max_length: int, dtype: Any = jnp.float32) -> dict:
   """An empty KV cache for `batch` sequences of up to `max_length` tokens.
 

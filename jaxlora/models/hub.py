@@ -18,7 +18,7 @@ import numpy as np
 from jaxlora import _tree
 from jaxlora.models import safetensors_io
 from jaxlora.models.config import ModelConfig
-from jaxlora.models.decoder import Decoder
+from jaxlora.models.decoder import Decoder, abstract_variables
 
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|rotary_emb\.inv_freq$")
@@ -48,10 +48,7 @@ def _transposed(cfg: ModelConfig, path: tuple[str, ...]) -> bool:
 
 
 def _abstract_params(model: Decoder) -> dict:
-  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-  del ids
-  return nn.unbox(shapes)["params"]
+  return nn.unbox(abstract_variables(model))["params"]
 
 
 def _read_config(path: str) -> dict:

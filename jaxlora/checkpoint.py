@@ -115,6 +115,14 @@ def info(path: str) -> dict:
 
   Raises:
     FileNotFoundError / ValueError: missing or unreadable checkpoint.
+
+  >>> import tempfile, os, jax, jax.numpy as jnp, jaxlora
+  >>> t = jaxlora.wrap({"d": {"kernel": jnp.ones((4, 4))}}, rank=2, key=jax.random.key(0))
+  >>> d = os.path.join(tempfile.mkdtemp(), "adapter")
+  >>> jaxlora.save(d, t, metadata={"task": "demo"})
+  >>> rec = jaxlora.checkpoint.info(d)
+  >>> rec["layers"]["d"]["rank"], rec["metadata"]
+  (2, {'task': 'demo'})
   """
   rec = os.path.join(path, RECORD)
   if not os.path.isdir(path):

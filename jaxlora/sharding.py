@@ -167,6 +167,16 @@ def tree_shardings(tree: Any, base_shardings: Any) -> Any:
 
   Returns:
     A tree of shardings with the structure of `tree`.
+
+  >>> import jax, jaxlora
+  >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> model = jaxlora.models.Decoder(cfg)
+  >>> mesh = jaxlora.sharding.make_mesh(fsdp=-1)
+  >>> params = jaxlora.models.init(model, jax.random.key(0))
+  >>> tree = jaxlora.wrap(params, rank=2, layout=model, key=jax.random.key(1))
+  >>> sh = tree_shardings(tree, param_shardings(model, mesh))
+  >>> sh["layers"]["mlp"]["up_proj"]["lora_a"].spec[1]
+  'fsdp'
   """
   p = _tree.get_params(tree)
   base = _tree.filter_tree(p, lambda k: k not in _tree.ADAPTER_KEYS, prune=False)
@@ -185,6 +195,17 @@ def opt_state_shardings(tx: Any, params: Any, shardings: Any, mesh: Mesh) -> Any
     params: the tree `tx.init` is called on (arrays or ShapeDtypeStructs).
     shardings: shardings of `params`.
     mesh: the mesh (for replicated scalars such as step counts).
+
+  Returns:
+    A tree of shardings with the structure of ``tx.init(params)``.
+
+  >>> import jax, jax.numpy as jnp, optax, jaxlora
+  >>> mesh = jaxlora.sharding.make_mesh(fsdp=-1)
+  >>> params = {"w": jnp.zeros((8, 2))}
+  >>> sh = {"w": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))}
+  >>> state = opt_state_shardings(optax.adam(1e-3), params, sh, mesh)
+  >>> state[0].mu["w"].spec == sh["w"].spec
+  True
   """
   state = jax.eval_shape(tx.init, params)
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -194,7 +215,14 @@ def opt_state_shardings(tx: Any, params: Any, shardings: Any, mesh: Mesh) -> Any
 
 
 def bytes_per_device(tree: Any, shardings: Any) -> int:
-  """Bytes one device holds of `tree` under `shardings` (from shapes and specs alone)."""
+  """Bytes one device holds of `tree` under `shardings` (from shapes and specs alone).
+
+  >>> import jax, jax.numpy as jnp, jaxlora
+  >>> mesh = jaxlora.sharding.make_mesh(fsdp=-1)
+  >>> sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  >>> bytes_per_device({"w": jnp.zeros((4, 2))}, {"w": sh})
+  32
+  """
   total = 0
   for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(
       shardings, is_leaf=lambda v: isinstance(v, jax.sharding.Sharding))):

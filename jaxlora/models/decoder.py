@@ -279,7 +279,14 @@ def _lora_layout(model: "Decoder", params) -> kernel_layout.Layout:
 
 
 def abstract_variables(model: "Decoder") -> dict:
-  """The (boxed) variables `model.init` would create, as ShapeDtypeStructs; nothing is allocated."""
+  """The (boxed) variables `model.init` would create, as ShapeDtypeStructs; nothing is allocated.
+
+  >>> import jaxlora
+  >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> v = abstract_variables(jaxlora.models.Decoder(cfg))
+  >>> v["params"]["layers"]["mlp"]["up_proj"]["kernel"].value.shape
+  (2, 16, 32)
+  """
   return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
 
 

@@ -5,20 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from jaxlora import _multihost
 from jaxlora import _tree
 from jaxlora import kernel_layout as layout_lib
 from jaxlora import sharding as sharding_lib
 from jaxlora import transform
-from jaxlora.models import safetensors_io
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
 
 RECORD = "jaxlora.json"
@@ -48,13 +47,19 @@ def _record(tree: Any, metadata: dict | None) -> dict:
   for (path_t, mod), l in zip(_tree.adapter_modules(p), summary.layers):
     layers[l.path] = {
         "rank": l.rank, "alpha": l.alpha,
-        "scale": np.asarray(jax.device_get(mod[SCALE_KEY]), np.float64).tolist(),
+        "scale": _multihost.host_value(mod[SCALE_KEY]).astype(np.float64).tolist(),
         "kernel_shape": list(l.kernel_shape), "lora_a": list(l.a_shape), "lora_b": list(l.b_shape),
         "dtype": str(jnp.dtype(mod[A_KEY].dtype)),
     }
   return {"format": FORMAT, "jaxlora_version": __version__, "layers": layers,
           "targets": sorted(layers), "trainable_params": summary.trainable,
           "base_fingerprint": fingerprint(tree), "metadata": metadata or {}}
+
+
+def _as_path(path: Any) -> epath.Path:
+  """Local paths made absolute; URLs (``gs://...``) kept as they are."""
+  path = os.fspath(path)
+  return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 def save(path: str, tree: Any, *, metadata: dict | None = None) -> None:
@@ -67,6 +72,13 @@ def save(path: str, tree: Any, *, metadata: dict | None = None) -> None:
   interrupted save leaves nothing that loads, and any other checkpoint is
   untouched. An existing checkpoint at `path` is replaced only once the new one
   is complete.
+
+  `path` may be a local directory or a URL Orbax and ``etils.epath`` can write
+  (``gs://bucket/run/adapter``; object stores rename by copying, so there the
+  record, written last, is what marks a checkpoint complete). In a
+  multi-process run (``jax.process_count() > 1``) every process must call
+  `save`: each writes the shards it holds, process 0 writes the record. The
+  processes must share `path` (a shared or cloud filesystem).
 
   Args:
     path: checkpoint directory.
@@ -87,27 +99,30 @@ def save(path: str, tree: Any, *, metadata: dict | None = None) -> None:
     record = json.dumps(_record(tree, metadata), indent=2, sort_keys=True)
   except TypeError as e:
     raise TypeError(f"`metadata` must be JSON-serialisable: {e}") from None
-  path = os.path.abspath(path)
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-  os.chmod(tmp, 0o777 & ~safetensors_io._umask())  # mkdtemp makes 0700; this becomes `path`
+  path = _as_path(path)
+  token = _multihost.shared_token()
+  tmp = path.parent / f".{path.name}.tmp-{token}"
+  writer = _multihost.is_writer()
+  if writer:
+    tmp.mkdir(parents=True)
+  _multihost.barrier("jaxlora.save: started")
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, ARRAYS), _tree.get_params(adapter))
+      ckptr.save(tmp / ARRAYS, _tree.get_params(adapter))
       ckptr.wait_until_finished()
-    with open(os.path.join(tmp, RECORD), "w") as f:  # written last: marks a complete checkpoint
-      f.write(record)
-    if os.path.exists(path):
-      old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.old-")
-      os.rename(path, os.path.join(old, "ckpt"))
-      os.rename(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, path)
+    if writer:
+      (tmp / RECORD).write_text(record)  # written last: marks a complete checkpoint
+      if path.exists():
+        old = path.parent / f".{path.name}.old-{token}"
+        path.rename(old)
+        tmp.rename(path)
+        old.rmtree()
+      else:
+        tmp.rename(path)
   finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+    if writer and tmp.exists():
+      tmp.rmtree()
+  _multihost.barrier("jaxlora.save: done")  # nobody returns before the checkpoint is in place
 
 
 def info(path: str) -> dict:
@@ -124,15 +139,14 @@ def info(path: str) -> dict:
   >>> rec["layers"]["d"]["rank"], rec["metadata"]
   (2, {'task': 'demo'})
   """
-  rec = os.path.join(path, RECORD)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"No adapter checkpoint at {path!r}.")
-  if not os.path.isfile(rec):
-    raise ValueError(f"{path!r} is not a complete jaxlora checkpoint: {RECORD} is missing "
-                     "(an interrupted save, or not a jaxlora adapter).")
+  rec = _as_path(path) / RECORD
+  if not rec.parent.is_dir():
+    raise FileNotFoundError(f"No adapter checkpoint at {os.fspath(path)!r}.")
+  if not rec.is_file():
+    raise ValueError(f"{os.fspath(path)!r} is not a complete jaxlora checkpoint: {RECORD} is "
+                     "missing (an interrupted save, or not a jaxlora adapter).")
   try:
-    with open(rec) as f:
-      out = json.load(f)
+    out = json.loads(rec.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{rec} is corrupt: {e}.") from None
   if out.get("format") != FORMAT or "layers" not in out:
@@ -204,7 +218,7 @@ def load(path: str, base_params: Any, *, shardings: Any = None) -> Any:
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, target_shardings,
       is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-  arrays_dir = os.path.join(os.path.abspath(path), ARRAYS)
+  arrays_dir = _as_path(path) / ARRAYS
   try:
     with ocp.StandardCheckpointer() as ckptr:
       restored = ckptr.restore(arrays_dir, abstract)
@@ -215,11 +229,14 @@ def load(path: str, base_params: Any, *, shardings: Any = None) -> Any:
 
 
 def _key_to_data(key: Any) -> Any:
+  # A host NumPy copy: keys are replicated, and in a multi-process run a device-local key
+  # array cannot be saved collectively.
   if key is None:
     return None
   if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return {"typed": True, "impl": str(jax.random.key_impl(key)), "data": jax.random.key_data(key)}
-  return {"typed": False, "data": key}
+    return {"typed": True, "impl": str(jax.random.key_impl(key)),
+            "data": np.asarray(jax.device_get(jax.random.key_data(key)))}
+  return {"typed": False, "data": np.asarray(jax.device_get(key))}
 
 
 class CheckpointManager:

@@ -19,7 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from jaxlora import _multihost
 from jaxlora import _tree
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
 from jaxlora.models import hub, safetensors_io
@@ -49,7 +51,10 @@ def save(path: str, tree: Any, *, model: Decoder, base_model_name_or_path: str |
   (keyed by full module names). PEFT's scale is ``lora_alpha / r`` (or
   ``/ sqrt(r)`` with rsLoRA); ``lora_alpha`` is written so that the scale is
   the tree's. Files go to a temporary directory first and are moved into
-  place, so an interrupted save never leaves a loadable half-adapter.
+  place, so an interrupted save never leaves a loadable half-adapter. `path`
+  may be a URL ``etils.epath`` writes (``gs://...``). In a multi-process run
+  every process must call `save` (sharded factors are gathered); process 0
+  writes.
 
   Args:
     path: output directory.
@@ -80,9 +85,9 @@ def save(path: str, tree: Any, *, model: Decoder, base_model_name_or_path: str |
   leaf_names: set[str] = set()
   adapted: set[tuple[str, ...]] = set()
   for path_t, mod in mods:
-    a = np.asarray(jax.device_get(mod[A_KEY]))
-    b = np.asarray(jax.device_get(mod[B_KEY]))
-    s = np.asarray(jax.device_get(mod[SCALE_KEY]), np.float64)
+    a = _multihost.host_value(mod[A_KEY])
+    b = _multihost.host_value(mod[B_KEY])
+    s = _multihost.host_value(mod[SCALE_KEY]).astype(np.float64)
     if dtype is not None:
       a, b = a.astype(dtype), b.astype(dtype)
     stacked = s.ndim == 1
@@ -124,19 +129,33 @@ def save(path: str, tree: Any, *, model: Decoder, base_model_name_or_path: str |
       "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
       "inference_mode": True, "base_model_name_or_path": base_model_name_or_path,
   }
-  parent = os.path.dirname(os.path.abspath(path)) or "."
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-peft-")
+  if _multihost.is_writer():
+    _write(os.fspath(path), tensors, config)
+  _multihost.barrier("jaxlora.peft.save: done")
+
+
+def _write(path: str, tensors: dict[str, np.ndarray], config: dict) -> None:
+  """Stages both files locally, then moves (or, for URLs, copies) them into `path`."""
+  remote = "://" in path
+  parent = None
+  if not remote:  # stage beside the target so that the final moves are renames
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+  stage = tempfile.mkdtemp(prefix=".tmp-peft-", dir=parent)
   try:
-    safetensors_io.save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), {"format": "pt"})
-    with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+    safetensors_io.save_file(tensors, os.path.join(stage, WEIGHTS_NAME), {"format": "pt"})
+    with open(os.path.join(stage, CONFIG_NAME), "w") as f:
       json.dump(config, f, indent=2, sort_keys=True)
-    os.makedirs(path, exist_ok=True)
+    dest = epath.Path(path)
+    dest.mkdir(parents=True, exist_ok=True)
     # Weights first: a directory is a loadable adapter only once its config is in place.
-    os.replace(os.path.join(tmp, WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME))
-    os.replace(os.path.join(tmp, CONFIG_NAME), os.path.join(path, CONFIG_NAME))
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+      if remote:
+        epath.Path(stage, name).copy(dest / name, overwrite=True)
+      else:
+        os.replace(os.path.join(stage, name), os.path.join(path, name))
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def _num(x: float) -> int | float:

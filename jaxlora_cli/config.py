@@ -8,6 +8,7 @@ import typing
 from typing import Any, Union
 
 import yaml
+from etils import epath
 
 
 class ConfigError(ValueError):
@@ -177,8 +178,7 @@ def load(path: str | None, overrides: list[str] = ()) -> Config:
   cfg = Config()
   if path is not None:
     try:
-      with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+      raw = yaml.safe_load(epath.Path(path).read_text()) or {}
     except FileNotFoundError:
       raise ConfigError(f"config file {path} not found") from None
     except yaml.YAMLError as e:

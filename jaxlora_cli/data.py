@@ -176,13 +176,27 @@ class Batcher:
         self.state = {"epoch": self.state["epoch"], "index": i}
     return out
 
-  def next(self, accum: int = 1) -> dict[str, np.ndarray]:
-    """``accum`` micro-batches stacked: arrays of shape (accum, batch, length)."""
-    return collate(self.take(accum * self.batch_size), accum, self.max_length, self.pad_id)
+  def next(self, accum: int = 1, rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """``accum`` micro-batches stacked: arrays of shape (accum, batch, length).
+
+    With ``rows=(lo, hi)`` only rows lo..hi-1 of each micro-batch are
+    collated (one process's part of a global batch), padded to the global
+    batch's length so that the processes' parts form one global array. Every
+    process walks the same order, so `state` is the same everywhere.
+    """
+    examples = self.take(accum * self.batch_size)
+    length = bucket(max(len(e.ids) for e in examples), self.max_length)
+    if rows is not None:
+      lo, hi = rows
+      b = self.batch_size
+      examples = [examples[m * b + j] for m in range(accum) for j in range(lo, hi)]
+    return collate(examples, accum, self.max_length, self.pad_id, length)
 
 
-def collate(examples: list[Example], accum: int, max_length: int, pad_id: int) -> dict:
-  length = bucket(max(len(e.ids) for e in examples), max_length)
+def collate(examples: list[Example], accum: int, max_length: int, pad_id: int,
+            length: int | None = None) -> dict:
+  if length is None:
+    length = bucket(max(len(e.ids) for e in examples), max_length)
   n = len(examples)
   ids = np.full((n, length), pad_id, np.int32)
   mask = np.zeros((n, length), np.int32)

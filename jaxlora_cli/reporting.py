@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
+from etils import epath
 
-def du(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+def is_remote(path: Any) -> bool:
+  """A URL such as gs://bucket/run (written through etils.epath), not a local path."""
+  return "://" in str(path)
+
+
+def du(path: Any) -> int:
+  return sum((root / f).stat().length for root, _, files in epath.Path(path).walk() for f in files)
 
 
 class Metrics:
   """Appends metric records to metrics.jsonl and TensorBoard event files."""
 
-  def __init__(self, run_dir: str):
-    self.path = os.path.join(run_dir, "metrics.jsonl")
-    self.tb_dir = os.path.join(run_dir, "tensorboard")
+  def __init__(self, run_dir: Any):
+    self.path = epath.Path(run_dir) / "metrics.jsonl"
+    self.tb_dir = str(epath.Path(run_dir) / "tensorboard")
     self._tb = None
+    # Object stores cannot append: keep the records and rewrite the file.
+    self._records = None
+    if is_remote(run_dir):
+      self._records = read(self.path) if self.path.exists() else []
 
   def _writer(self):
     if self._tb is None:
@@ -27,8 +37,12 @@ class Metrics:
     return self._tb
 
   def write(self, record: dict[str, Any]) -> None:
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    if self._records is None:
+      with self.path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    else:
+      self._records.append(record)
+      self.path.write_text("".join(json.dumps(r) + "\n" for r in self._records))
     tb = self._writer()
     for k, v in record.items():
       if k != "step" and isinstance(v, (int, float)):
@@ -38,11 +52,12 @@ class Metrics:
 
   def truncate(self, step: int) -> None:
     """Drops records after `step` (a resumed run rewrites them)."""
-    if not os.path.exists(self.path):
+    if not self.path.exists():
       return
     keep = [l for l in read(self.path) if l["step"] <= step]
-    with open(self.path, "w") as f:
-      f.writelines(json.dumps(l) + "\n" for l in keep)
+    self.path.write_text("".join(json.dumps(l) + "\n" for l in keep))
+    if self._records is not None:
+      self._records = keep
 
 
 class NullMetrics:
@@ -55,9 +70,8 @@ class NullMetrics:
     del step
 
 
-def read(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(l) for l in f if l.strip()]
+def read(path: Any) -> list[dict]:
+  return [json.loads(l) for l in epath.Path(path).read_text().splitlines() if l.strip()]
 
 
 class Progress:
@@ -81,10 +95,10 @@ class Progress:
       self._bar.close()
 
 
-def plot(run_dir: str) -> str | None:
+def plot(run_dir: Any) -> str | None:
   """Writes loss.png from metrics.jsonl; returns its path (None without metrics)."""
-  path = os.path.join(run_dir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = epath.Path(run_dir) / "metrics.jsonl"
+  if not path.exists():
     return None
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -100,19 +114,24 @@ def plot(run_dir: str) -> str | None:
     ax.plot(*zip(*evals), "o-", label="eval loss")
   ax.set_xlabel("step")
   ax.set_ylabel("cross-entropy")
-  ax.set_title(os.path.basename(os.path.abspath(run_dir)))
+  ax.set_title(_name(run_dir))
   ax.grid(alpha=0.3)
   ax.legend()
-  out = os.path.join(run_dir, "loss.png")
+  out = epath.Path(run_dir) / "loss.png"
   fig.tight_layout()
-  fig.savefig(out)
+  with out.open("wb") as f:
+    fig.savefig(f, format="png")
   plt.close(fig)
-  return out
+  return str(out)
+
+
+def _name(run_dir: Any) -> str:
+  return epath.Path(run_dir if is_remote(run_dir) else epath.Path(run_dir).resolve()).name
 
 
 def write_report(run_dir: str, cfg, result: dict) -> str:
   lines = [
-      f"# Run report: {os.path.basename(os.path.abspath(run_dir))}", "",
+      f"# Run report: {_name(run_dir)}", "",
       f"- model: {cfg.model.path}",
       f"- LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha or cfg.lora.rank}, targets "
       f"{cfg.lora.targets}, dropout {cfg.lora.dropout}",
@@ -134,7 +153,6 @@ def write_report(run_dir: str, cfg, result: dict) -> str:
       "Files: `config.yaml`, `metrics.jsonl`, `tensorboard/`, `checkpoints/`, `adapter/` (Orbax, "
       "`jaxlora.load`), `adapter_peft/` (PEFT format), `loss.png`, `result.json`.",
   ]
-  path = os.path.join(run_dir, "report.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  return path
+  path = epath.Path(run_dir) / "report.md"
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxlora
@@ -171,22 +173,45 @@ def make_eval(model, place=None):
   return run
 
 
+def run_path(run_dir: str, *parts: str) -> str:
+  """A path inside a run directory: absolute for local directories, a URL for gs:// ones."""
+  if reporting.is_remote(run_dir):
+    return "/".join([run_dir.rstrip("/"), *parts])
+  return os.path.join(os.path.abspath(run_dir), *parts)
+
+
+def process_rows(batch_sharding, batch_size: int) -> tuple[int, int]:
+  """The rows ``[lo, hi)`` of each global (accum, batch, length) batch that this process's
+  devices hold: a part of the batch axis, or all of it where the batch is replicated."""
+  index = batch_sharding.addressable_devices_indices_map((1, batch_size, 1))
+  spans = sorted({s[1].indices(batch_size)[:2] for s in index.values()})
+  lo, hi = spans[0][0], max(e for _, e in spans)
+  if sum(e - b for b, e in spans) != hi - lo:
+    raise ConfigError(f"this process's devices hold rows {spans} of each batch, not one "
+                      "contiguous block; order the mesh so that each host's devices are adjacent "
+                      "along data x fsdp")
+  return lo, hi
+
+
 def check_run_dir(cfg: Config) -> bool:
   """True to resume. Refuses an output directory that holds a different run."""
-  out = cfg.output_dir
-  saved = os.path.join(out, "config.yaml")
-  if not os.path.exists(out):
+  out = epath.Path(run_path(cfg.output_dir))
+  saved = out / "config.yaml"
+  if not out.exists():
     return False
-  if not os.path.isfile(saved):
-    if os.listdir(out):
-      raise ConfigError(f"output_dir {out} exists and is not a jaxlora run directory; choose an "
-                        "empty or new directory")
+  if not saved.is_file():
+    if any(out.iterdir()):
+      raise ConfigError(f"output_dir {cfg.output_dir} exists and is not a jaxlora run directory; "
+                        "choose an empty or new directory")
     return False
-  old = config_lib.load(saved).to_dict()
+  old = config_lib.load(str(saved)).to_dict()
   new = cfg.to_dict()
-  # A longer run may continue an earlier one.
-  old["train"] = {**old["train"], "steps": None}
-  new["train"] = {**new["train"], "steps": None}
+  # A longer run may continue an earlier one, on another mesh or process layout (a resized or
+  # recreated slice): the checkpoint is restored onto the new shardings.
+  for d in (old, new):
+    d["train"] = {**d["train"], "steps": None}
+    d.pop("mesh", None)
+    d.pop("distributed", None)
   diffs = [f"{s}.{k}" for s in new if isinstance(new[s], dict)
            for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
   diffs += [s for s in new if not isinstance(new[s], dict) and old.get(s) != new[s]]
@@ -200,7 +225,6 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
   """Runs (or resumes) training; returns a summary dict. Writes everything under cfg.output_dir."""
   resume = check_run_dir(cfg)
   if jax.process_count() > 1:  # every process decides before process 0 writes anything
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices("jaxlora: run directory checked")
   mesh = make_mesh(cfg)
   n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -211,11 +235,10 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
   model, params = load_model(cfg, mesh)
   tok = load_tokenizer(cfg.model.path)
   train_ex, eval_ex = load_data(cfg, tok, model.config.max_position_embeddings)
-  out = cfg.output_dir
+  out = run_path(cfg.output_dir)
   if main_process:  # only process 0 writes logs, metrics and exports
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.yaml"), "w") as f:
-      f.write(config_lib.dump(cfg))
+    epath.Path(out).mkdir(parents=True, exist_ok=True)
+    epath.Path(out, "config.yaml").write_text(config_lib.dump(cfg))
 
   lc = cfg.lora
   try:
@@ -238,19 +261,25 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
   o_sh = jaxlora.sharding.opt_state_shardings(tx, trainable, t_sh, mesh)
   opt_state = jax.jit(tx.init, out_shardings=o_sh)(trainable)
 
-  def place(batch):
-    """The global batch on the mesh; each process contributes only its own rows."""
+  rows = process_rows(b_sh, cfg.train.batch_size)
+
+  def place(batch, local=False):
+    """The global batch on the mesh; each process contributes only its own rows.
+
+    `batch` holds this process's rows (`local`) or the whole global batch.
+    """
     if jax.process_count() == 1:
       return jax.device_put(batch, b_sh)
-    n, k = jax.process_count(), jax.process_index()
-    rows = batch["input_ids"].shape[1] // n
-    return {name: jax.make_array_from_process_local_data(
-        b_sh, v[:, k * rows:(k + 1) * rows], v.shape) for name, v in batch.items()}
+    if not local:
+      batch = {name: v[:, rows[0]:rows[1]] for name, v in batch.items()}
+    shape = lambda v: (v.shape[0], cfg.train.batch_size, *v.shape[2:])
+    return {name: jax.make_array_from_process_local_data(b_sh, v, shape(v))
+            for name, v in batch.items()}
   rng = jax.random.key(cfg.train.seed + 1)
   pid = pad_id(tok)
   batcher = data_lib.Batcher(train_ex, cfg.train.batch_size, cfg.data.max_length,
                              cfg.data.seed, pid)
-  ckpt = jaxlora.CheckpointManager(os.path.join(os.path.abspath(out), "checkpoints"),
+  ckpt = jaxlora.CheckpointManager(run_path(out, "checkpoints"),
                                    max_to_keep=cfg.train.keep_checkpoints,
                                    save_interval_steps=cfg.train.save_every)
   metrics = reporting.Metrics(out) if main_process else reporting.NullMetrics()
@@ -259,7 +288,7 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
     try:
       state = ckpt.restore(trainable=trainable, opt_state=opt_state)
     except ValueError as e:
-      raise ConfigError(f"the checkpoint in {os.path.join(out, 'checkpoints')} does not match this "
+      raise ConfigError(f"the checkpoint in {run_path(out, 'checkpoints')} does not match this "
                         f"run's adapter/optimizer settings ({str(e).splitlines()[0]})") from None
     start, trainable, opt_state, rng = (state["step"], state["trainable"], state["opt_state"],
                                         state["rng"])
@@ -282,7 +311,7 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
   t_rate, tok_rate = None, 0.0  # throughput counts from the end of the first (compiling) step
   try:
     for step in range(start, cfg.train.steps):
-      batch = place(batcher.next(cfg.train.grad_accum))
+      batch = place(batcher.next(cfg.train.grad_accum, rows=rows), local=True)
       rng, sub = jax.random.split(rng)
       new_t, new_o, m = step_fn(trainable, opt_state, frozen, batch, sub)
       loss = float(m["loss"])
@@ -292,7 +321,7 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
         raise TrainingDiverged(
             f"loss became {loss} at step {step + 1}; stopped. The last good checkpoint "
             f"({'step ' + str(kept) if kept is not None else 'none yet'}) is kept in "
-            f"{os.path.join(out, 'checkpoints')}. Lower train.lr or raise train.warmup_steps.")
+            f"{run_path(out, 'checkpoints')}. Lower train.lr or raise train.warmup_steps.")
       trainable, opt_state, last_loss = new_t, new_o, loss
       tokens += float(m["tokens"])
       done = step + 1
@@ -320,30 +349,23 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
   eval_after = eval_fn(trainable, frozen, ebatches) if ebatches else None
   if eval_after is not None:
     metrics.write({"step": cfg.train.steps, "eval_loss": eval_after})
-  if jax.process_count() > 1:
-    # The adapter is small: gather it to every host; the base enters the saved record only
-    # through its shapes.
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    host_adapter = multihost_utils.process_allgather(jaxlora.adapter(tuned))
-    base_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                               jaxlora.split(tuned)[1])
-    tuned = jaxlora.combine(jaxlora.split(host_adapter)[0], base_shapes)
+  # Both saves are collective: every process writes its shards (or joins the gather), process 0
+  # writes the files.
+  adapter_dir = run_path(out, "adapter")
+  jaxlora.save(adapter_dir, tuned, metadata={"config": cfg.to_dict(), "step": cfg.train.steps})
+  jaxlora.peft.save(run_path(out, "adapter_peft"), tuned, model=model,
+                    base_model_name_or_path=os.path.abspath(cfg.model.path))
   if not main_process:
     return {}
-  adapter_dir = os.path.join(out, "adapter")
-  jaxlora.save(adapter_dir, tuned, metadata={"config": cfg.to_dict(), "step": cfg.train.steps})
-  jaxlora.peft.save(os.path.join(out, "adapter_peft"), tuned, model=model,
-                    base_model_name_or_path=os.path.abspath(cfg.model.path))
   result = {
       "steps": cfg.train.steps, "final_loss": last_loss, "eval_loss_before": eval_before,
       "eval_loss_after": eval_after, "trainable_params": summary.trainable,
       "total_params": summary.total, "train_examples": len(train_ex),
       "adapter_bytes": reporting.du(adapter_dir),
-      "base_bytes": sum(x.nbytes for x in jax.tree.leaves(params)),
+      "base_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)),
       "wall_s": time.time() - t0, "last_checkpoint": last_good,
   }
-  with open(os.path.join(out, "result.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  epath.Path(out, "result.json").write_text(json.dumps(result, indent=2))
   reporting.plot(out)
   reporting.write_report(out, cfg, result)
   return result
@@ -355,14 +377,14 @@ def _sel(value: Any) -> Any:
 
 def load_run(run_dir: str):
   """Model, tokenizer and wrapped tree of a finished (or checkpointed) run."""
-  cfg_path = os.path.join(run_dir, "config.yaml")
-  if not os.path.isfile(cfg_path):
+  cfg_path = run_path(run_dir, "config.yaml")
+  if not epath.Path(cfg_path).is_file():
     raise ConfigError(f"{run_dir} is not a jaxlora run directory (no config.yaml)")
   cfg = config_lib.load(cfg_path)
   model, params = load_model(cfg)
   tok = load_tokenizer(cfg.model.path)
-  adapter = os.path.join(run_dir, "adapter")
-  if not os.path.isdir(adapter):
+  adapter = run_path(run_dir, "adapter")
+  if not epath.Path(adapter).is_dir():
     raise ConfigError(f"{run_dir} has no final adapter yet; finish the run first "
                       "(rerunning the train command resumes it)")
   try:

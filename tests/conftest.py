@@ -32,3 +32,46 @@ def randomize_adapters(tree, key, scale=0.5):
 
 def f64(x):
   return np.asarray(x, np.float64)
+
+
+# A tiny Llama checkpoint and data files for the command-line tests.
+WORDS = ["abc", "hello", "world", "tiny", "jax", "lora", "fox", "dog", "quick", "lazy"]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+  pytest.importorskip("transformers")
+  import tiny_checkpoint
+  return tiny_checkpoint.make(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  import json
+  import tiny_checkpoint
+  d = tmp_path_factory.mktemp("data")
+  rng = np.random.default_rng(0)
+  with open(d / "pc.jsonl", "w") as f:
+    for _ in range(120):
+      w = WORDS[rng.integers(len(WORDS))]
+      f.write(json.dumps({"prompt": f"reverse: {w} ->", "completion": " " + w[::-1]}) + "\n")
+  with open(d / "chat.jsonl", "w") as f:
+    for w in WORDS * 3:
+      f.write(json.dumps({"messages": [{"role": "user", "content": f"reverse {w}"},
+                                       {"role": "assistant", "content": w[::-1]}]}) + "\n")
+  (d / "text.txt").write_text("\n".join(tiny_checkpoint.CORPUS))
+  import pandas as pd
+  pd.DataFrame({"text": tiny_checkpoint.CORPUS}).to_csv(d / "text.csv", index=False)
+  pd.DataFrame({"text": tiny_checkpoint.CORPUS}).to_parquet(d / "text.parquet")
+  (d / "empty.jsonl").write_text("")
+  (d / "nofield.jsonl").write_text(json.dumps({"prompt": "a", "answer": "b"}) + "\n")
+  (d / "long.jsonl").write_text(json.dumps({"prompt": "hello " * 40, "completion": "x"}) + "\n")
+  return d
+
+
+def cli_args(model_dir, data, out, *extra):
+  """`jaxlora train` arguments for a short run on the tiny checkpoint."""
+  return ["train", "--no-progress", f"model.path={model_dir}", f"data.train_file={data}",
+          "data.format=prompt_completion", "data.max_length=32", "train.batch_size=8",
+          "train.save_every=4", "train.lr=3e-3", "lora.rank=4", "train.log_every=2",
+          f"output_dir={out}", *extra]

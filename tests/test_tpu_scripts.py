@@ -40,7 +40,7 @@ TRAIN_PREFIX = ("gcloud compute tpus tpu-vm ssh my-tpu --zone us-east5-b --proje
                 "--worker=all --ssh-flag=-oServerAliveInterval=30 "
                 "--ssh-flag=-oServerAliveCountMax=4 --command 'set -o pipefail; "
                 "mkdir -p ~/jaxlora-logs; cd ~/jaxlora; export PATH=\"$HOME/.local/bin:$PATH\";")
-INSTALL = 'python3 -m pip install -e ".[cli]" "jax[tpu]"'
+INSTALL = 'python3 -m pip install -e ".[cli,gcs]" "jax[tpu]"'
 
 FAILING_GCLOUD = """#!/bin/sh
 echo "gcloud was called during a dry run: $*" >&2
@@ -208,7 +208,7 @@ def test_setup_dry_run_git_url(env):
       "--command 'set -e; if [ -d ~/jaxlora/.git ]; then git -C ~/jaxlora fetch --tags origin; "
       "else git clone https://example.com/jaxlora.git ~/jaxlora; fi; "
       "git -C ~/jaxlora checkout --force --detach v0.1.0; cd ~/jaxlora; "
-      'python3 -m pip install -e ".[cli]" "jax[tpu]==0.6.2"\'']
+      'python3 -m pip install -e ".[cli,gcs]" "jax[tpu]==0.6.2"\'']
 
 
 def test_run_dry_run(env):

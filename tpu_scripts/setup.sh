@@ -12,7 +12,7 @@ usage() {
 Usage: $PROG --name NAME --zone ZONE [options]
 
 Puts the project into ~/$REMOTE_DIR on every worker and installs it with pip
-(python3 -m pip install -e '.[cli]' 'jax[tpu]'), all workers at once (--worker=all).
+(python3 -m pip install -e '.[cli,gcs]' 'jax[tpu]'), all workers at once (--worker=all).
 By default it ships a tarball of a commit of this checkout (git archive REF; uncommitted
 changes are not included) with 'gcloud compute tpus tpu-vm scp'; with --git-url every
 worker clones (or fetches) the repository itself instead.
@@ -51,7 +51,7 @@ check_common
 [[ $JAX_SPEC =~ ^[A-Za-z0-9][][A-Za-z0-9_.,:/=\<\>!~+-]*$ ]] ||
   die_usage "invalid --jax-spec '$JAX_SPEC': expected a pip requirement such as 'jax[tpu]==0.6.2'"
 
-install="python3 -m pip install -e \".[cli]\" \"$JAX_SPEC\""
+install="python3 -m pip install -e \".[cli,gcs]\" \"$JAX_SPEC\""
 if [[ -n $POST_COMMAND ]]; then
   install+="; $POST_COMMAND"
 fi

@@ -10,7 +10,11 @@ from etils import epath
 
 
 def is_remote(path: Any) -> bool:
-  """A URL such as gs://bucket/run (written through etils.epath), not a local path."""
+  """A URL such as gs://bucket/run (written through etils.epath), not a local path.
+
+  >>> is_remote("gs://bucket/run"), is_remote("runs/demo")
+  (True, False)
+  """
   return "://" in str(path)
 
 

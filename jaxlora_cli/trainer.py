@@ -174,7 +174,13 @@ def make_eval(model, place=None):
 
 
 def run_path(run_dir: str, *parts: str) -> str:
-  """A path inside a run directory: absolute for local directories, a URL for gs:// ones."""
+  """A path inside a run directory: absolute for local directories, a URL for gs:// ones.
+
+  >>> run_path("gs://bucket/run/", "checkpoints")
+  'gs://bucket/run/checkpoints'
+  >>> run_path("/runs/a", "adapter")
+  '/runs/a/adapter'
+  """
   if reporting.is_remote(run_dir):
     return "/".join([run_dir.rstrip("/"), *parts])
   return os.path.join(os.path.abspath(run_dir), *parts)
@@ -182,7 +188,14 @@ def run_path(run_dir: str, *parts: str) -> str:
 
 def process_rows(batch_sharding, batch_size: int) -> tuple[int, int]:
   """The rows ``[lo, hi)`` of each global (accum, batch, length) batch that this process's
-  devices hold: a part of the batch axis, or all of it where the batch is replicated."""
+  devices hold: a part of the batch axis, or all of it where the batch is replicated.
+
+  >>> import jaxlora
+  >>> from jax.sharding import NamedSharding, PartitionSpec as P
+  >>> mesh = jaxlora.sharding.make_mesh(fsdp=-1)
+  >>> process_rows(NamedSharding(mesh, P(None, ("data", "fsdp"), None)), 16)  # one process
+  (0, 16)
+  """
   index = batch_sharding.addressable_devices_indices_map((1, batch_size, 1))
   spans = sorted({s[1].indices(batch_size)[:2] for s in index.values()})
   lo, hi = spans[0][0], max(e for _, e in spans)
@@ -362,7 +375,7 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
       "eval_loss_after": eval_after, "trainable_params": summary.trainable,
       "total_params": summary.total, "train_examples": len(train_ex),
       "adapter_bytes": reporting.du(adapter_dir),
-      "base_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)),
+      "base_bytes": sum(x.nbytes for x in jax.tree.leaves(params)),
       "wall_s": time.time() - t0, "last_checkpoint": last_good,
   }
   epath.Path(out, "result.json").write_text(json.dumps(result, indent=2))

@@ -2,12 +2,14 @@
 
 from jaxlora import models
 from jaxlora import peft
+from jaxlora import quantization
 from jaxlora import sharding
 from jaxlora.checkpoint import CheckpointManager, load, save
 from jaxlora.forward import apply
 from jaxlora.generation import generate
 from jaxlora.kernel_layout import Layout, KernelLayout, layout
 from jaxlora.optim import optimizer
+from jaxlora.quantization import QuantizedArray, dequantize, quantize
 from jaxlora.transform import (LayerSummary, Summary, adapter, combine, merge, split, summary,
                                unmerge, wrap)
 
@@ -18,10 +20,12 @@ __all__ = [
     "KernelLayout",
     "LayerSummary",
     "Layout",
+    "QuantizedArray",
     "Summary",
     "adapter",
     "apply",
     "combine",
+    "dequantize",
     "generate",
     "layout",
     "load",
@@ -29,6 +33,8 @@ __all__ = [
     "models",
     "optimizer",
     "peft",
+    "quantization",
+    "quantize",
     "save",
     "sharding",
     "split",

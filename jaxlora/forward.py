@@ -21,7 +21,8 @@ from jax import lax
 
 from jaxlora import _tree
 from jaxlora import kernel_layout as layout_lib
-from jaxlora._tree import A_KEY, B_KEY, SCALE_KEY
+from jaxlora import quantization
+from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
 
 
 # Performance note (measured on XLA:CPU, GPT-2-small shapes, rank 16): the rank-r
@@ -127,14 +128,45 @@ def _handler(module):
   return None
 
 
+def _quantized_call(module, args, kwargs):
+  """The layer computed by its own linen code on the dequantized kernel.
+
+  An unbound clone of the module runs on a float copy of its params, so bias,
+  dtype promotion, precision and the DenseGeneral/Einsum contractions are
+  exactly the float layer's. The dequantization sits under `jax.checkpoint`:
+  the backward pass dequantizes again instead of keeping a float kernel per
+  layer alive, so no float copy of the quantized kernels outlives its layer.
+  """
+  own = module.variables["params"]
+  rest = {k: v for k, v in own.items() if k not in _tree.ADAPTER_KEYS and k != KERNEL_KEY}
+  clone = module.clone(parent=None)
+  if args:
+    x, other = args[0], args[1:]
+  else:
+    kwargs = dict(kwargs)
+    x, other = kwargs.pop("inputs"), ()
+
+  @jax.checkpoint
+  def run(kernel, rest, x):
+    params = dict(rest)
+    params[KERNEL_KEY] = quantization.dequantize_array(kernel)
+    return clone.apply({"params": params}, x, *other, **kwargs)
+
+  return run(own[KERNEL_KEY], rest, x)
+
+
 def _make_interceptor(dropout: float, reached: set[str]):
   def interceptor(next_fun, args, kwargs, context):
-    y = next_fun(*args, **kwargs)
     module = context.module
-    if context.method_name != "__call__" or not module.has_variable("params", A_KEY):
-      return y
-    handler = _handler(module)
+    handler = _handler(module) if context.method_name == "__call__" else None
     if handler is None:
+      return next_fun(*args, **kwargs)
+    if module.has_variable("params", KERNEL_KEY) and quantization.is_quantized(
+        module.get_variable("params", KERNEL_KEY)):
+      y = _quantized_call(module, args, kwargs)
+    else:
+      y = next_fun(*args, **kwargs)
+    if not module.has_variable("params", A_KEY):
       return y
     reached.add(_tree.join(module.path))
     x = args[0] if args else kwargs["inputs"]

@@ -138,6 +138,11 @@ def layout(apply_fn: Callable[..., Any], variables: Mapping, *args: Any,
   if not isinstance(variables, Mapping):
     raise TypeError(f"`variables` must be a dict such as {{'params': params}}, got "
                     f"{type(variables).__name__}.")
+  from jaxlora import quantization  # pylint: disable=import-outside-toplevel
+  # Quantized kernels are traced as the float kernels they stand for.
+  variables = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if quantization.is_quantized(x) else x,
+      variables, is_leaf=quantization.is_quantized)
   seen: dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]] = {}
   outputs: dict[str, list[Any]] = {}
 
@@ -186,6 +191,17 @@ def layout(apply_fn: Callable[..., Any], variables: Mapping, *args: Any,
     is_head = path in seen_heads or bool(_HEAD_NAME.search(path))
     kernels[path] = KernelLayout(kind, (STACK,) * n_stack + roles, is_head)
   return Layout(kernels)
+
+
+def resolve(layout: Any, params: Any) -> Layout | None:
+  """A `Layout` from a layout, None, or a model with a ``lora_layout(params)`` method."""
+  if layout is None or isinstance(layout, Layout):
+    return layout
+  if not callable(getattr(layout, "lora_layout", None)):
+    raise TypeError(f"`layout` must come from jaxlora.layout(...) or be a model with a "
+                    f"`lora_layout(params)` method (jaxlora.models.Decoder); got "
+                    f"{type(layout).__name__}.")
+  return layout.lora_layout(params)
 
 
 def adapter_shapes(kernel_shape: Sequence[int], roles: Sequence[str],

@@ -72,6 +72,66 @@ def adapter_shardings(tree: Any) -> Any:
   return _tree.with_params(tree, result) if _tree.is_variables(tree) else result
 
 
+def quantized_sharding(q: Any, kernel_sharding: Any) -> Any:
+  """Shardings for a `jaxlora.QuantizedArray`, given the sharding of the float kernel.
+
+  Stacked (layer) axes keep the kernel's spec. A 4-bit record stores each
+  layer flat in bitsandbytes' order (output rows one after another), so its
+  packed codes, block maxima and double-quantization group scales are split
+  into contiguous runs of output rows over every mesh axis that shards the
+  kernel: the same bytes per device as the float kernel, whichever of its axes
+  those mesh axes shard. A leaf whose length they do not divide stays whole
+  (replicated), as do the code tables. An int8 record keeps the kernel's
+  layout and spec; its per-output-channel scales follow the output axis.
+
+  Args:
+    q: the record (arrays or ShapeDtypeStructs).
+    kernel_sharding: the float kernel's sharding (e.g. from `param_shardings`).
+
+  Returns:
+    A `QuantizedArray` whose leaves are shardings.
+
+  >>> import numpy as np, jax, jaxlora
+  >>> mesh = jaxlora.sharding.make_mesh(fsdp=-1)
+  >>> q = jaxlora.quantization.quantize_array(np.ones((128, 64), np.float32), "nf4")
+  >>> kernel_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None))
+  >>> quantized_sharding(q, kernel_sh).packed.spec
+  PartitionSpec('fsdp',)
+  """
+  from jaxlora import quantization  # pylint: disable=import-outside-toplevel
+  children, aux = q.tree_flatten_with_keys()
+  if not isinstance(kernel_sharding, NamedSharding):
+    return type(q).tree_unflatten(aux, [kernel_sharding for _ in children])
+  mesh = kernel_sharding.mesh
+  spec = tuple(kernel_sharding.spec) + (None,) * (len(q.shape) - len(kernel_sharding.spec))
+  stack, rest = spec[:q.n_stack], spec[q.n_stack:]
+  axes = tuple(a for s in rest for a in ((s,) if isinstance(s, str) else tuple(s or ())))
+  size = math.prod(mesh.shape[a] for a in axes)
+
+  def split_last(x):
+    if not axes or x.shape[-1] % size:
+      return NamedSharding(mesh, PartitionSpec(*stack, None))
+    return NamedSharding(mesh, PartitionSpec(*stack, axes[0] if len(axes) == 1 else axes))
+
+  out = []
+  for key, x in children:
+    name = key.name
+    if name in ("quant_map", "nested_quant_map"):
+      out.append(NamedSharding(mesh, PartitionSpec(*stack, None)))
+    elif name == "offset":
+      out.append(NamedSharding(mesh, PartitionSpec(*stack)))
+    elif q.qtype == "int8" and name == "packed":
+      out.append(NamedSharding(mesh, _fit(PartitionSpec(*spec), tuple(x.shape), mesh)))
+    elif q.qtype == "int8":  # per-output-channel scales
+      outs = rest[q.n_in:]
+      s = outs[0] if len(outs) == 1 else None
+      out.append(NamedSharding(mesh, _fit(PartitionSpec(*stack, s), tuple(x.shape), mesh)))
+    else:
+      out.append(split_last(x))
+  del quantization
+  return type(q).tree_unflatten(aux, out)
+
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis names used by jaxlora.models -> mesh axes.
@@ -178,13 +238,18 @@ def tree_shardings(tree: Any, base_shardings: Any) -> Any:
   >>> sh["layers"]["mlp"]["up_proj"]["lora_a"].spec[1]
   'fsdp'
   """
+  from jaxlora.quantization import is_quantized  # pylint: disable=import-outside-toplevel
   p = _tree.get_params(tree)
   base = _tree.filter_tree(p, lambda k: k not in _tree.ADAPTER_KEYS, prune=False)
+  base_sh = _tree.get_params(base_shardings)
+  # Quantized kernels: adapters follow the float kernel's sharding; the record gets its own.
   with_sharding = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                               base, _tree.get_params(base_shardings))
+                               base, base_sh, is_leaf=is_quantized)
+  base_sh = jax.tree.map(lambda x, s: quantized_sharding(x, s) if is_quantized(x) else s,
+                         base, base_sh, is_leaf=is_quantized)
   adapters = _tree.filter_tree(p, lambda k: k in _tree.ADAPTER_KEYS, prune=True)
   abstract = _tree.merge_trees(with_sharding, adapters)
-  return _tree.merge_trees(_tree.get_params(base_shardings), adapter_shardings(abstract))
+  return _tree.merge_trees(base_sh, adapter_shardings(abstract))
 
 
 def opt_state_shardings(tx: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:

@@ -27,7 +27,8 @@ def _check_rank(value: Any, what: str) -> int:
   return int(value)
 
 
-def _kernel_roles(path: str, kernel: Any, layout: layout_lib.Layout | None) -> tuple[str, ...]:
+def kernel_roles(path: str, kernel: Any, layout: layout_lib.Layout | None) -> tuple[str, ...]:
+  """The role of each axis of the kernel at `path` (from `layout`, or 2-D), or a ValueError."""
   shape = tuple(kernel.shape)
   if layout is not None:
     info = layout.kernels.get(path)
@@ -110,12 +111,7 @@ def wrap(params: PyTree, *, key: jax.Array, rank: int = 16, alpha: float | None 
     raise ValueError(f"`init` must be 'kaiming' or 'gaussian', got {init!r}.")
   if key is None:
     raise TypeError("`wrap` needs a PRNG key: jaxlora.wrap(params, key=jax.random.key(0)).")
-  if layout is not None and not isinstance(layout, layout_lib.Layout):
-    if not callable(getattr(layout, "lora_layout", None)):
-      raise TypeError(f"`layout` must come from jaxlora.layout(...) or be a model with a "
-                      f"`lora_layout(params)` method (jaxlora.models.Decoder); got "
-                      f"{type(layout).__name__}.")
-    layout = layout.lora_layout(params)
+  layout = layout_lib.resolve(layout, params)
   p = _tree.get_params(params)
   boxed = jax.tree.leaves(p, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
   if any(isinstance(x, nn.meta.AxisMetadata) for x in boxed):
@@ -154,7 +150,7 @@ def wrap(params: PyTree, *, key: jax.Array, rank: int = 16, alpha: float | None 
   for k, (path_t, path, mod) in zip(keys, chosen):
     kernel = mod[KERNEL_KEY]
     shape = tuple(kernel.shape)
-    roles = _kernel_roles(path, kernel, layout)
+    roles = kernel_roles(path, kernel, layout)
     r = _check_rank(targets_lib.match_pattern(rank_pattern, path, rank), f"rank for '{path}'")
     a = float(targets_lib.match_pattern(alpha_pattern, path, base_alpha))
     n_in = layout_lib.fan_in(shape, roles)

@@ -130,23 +130,30 @@ class QuantizedArray:
     self.nested_absmax = nested_absmax
     self.nested_quant_map = nested_quant_map
     self.offset = offset
+    self._names = tuple(f for f in _FIELDS if getattr(self, f) is not None)
 
-  # pytree protocol
+  # pytree protocol. The fields a record has are fixed when it is made, so that trees of other
+  # leaves (None, shardings, metadata) built from it keep its structure.
   def tree_flatten_with_keys(self):
-    names = tuple(f for f in _FIELDS if getattr(self, f) is not None)
-    children = [(jax.tree_util.GetAttrKey(f), getattr(self, f)) for f in names]
+    names = self._names
+    # Dict keys (not attribute keys): Orbax names checkpoint entries by `.key`.
+    children = [(jax.tree_util.DictKey(f), getattr(self, f)) for f in names]
     aux = (self.qtype, self.layer_shape, self.n_in, self._dtype.name, self.block_size, names)
     return children, aux
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     qtype, layer_shape, n_in, dtype, block_size, names = aux
-    return cls(qtype=qtype, layer_shape=layer_shape, n_in=n_in, dtype=dtype,
-               block_size=block_size, **dict(zip(names, children)))
+    q = cls(qtype=qtype, layer_shape=layer_shape, n_in=n_in, dtype=dtype, block_size=block_size,
+            packed=None, absmax=None)
+    for name, value in zip(names, children):
+      setattr(q, name, value)
+    q._names = names  # pylint: disable=protected-access
+    return q
 
   @property
   def double_quant(self) -> bool:
-    return self.nested_absmax is not None
+    return "nested_absmax" in self._names
 
   @property
   def n_stack(self) -> int:
@@ -182,7 +189,7 @@ class QuantizedArray:
 
   def __repr__(self) -> str:
     if not hasattr(self.packed, "shape"):  # a record of shardings or other per-leaf values
-      names = [k.name for k, _ in self.tree_flatten_with_keys()[0]]
+      names = [k.key for k, _ in self.tree_flatten_with_keys()[0]]
       return f"QuantizedArray({self.qtype}, {', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
     dq = ", double_quant" if self.double_quant else ""
     bs = f", block_size={self.block_size}" if self.block_size else ""
@@ -321,6 +328,8 @@ def quantize_array(kernel: Any, qtype: str = "nf4", *, n_in: int = 1, n_stack: i
   """
   qtype = _check_qtype(qtype)
   block_size = _check_block_size(block_size, qtype)
+  if isinstance(kernel, jax.ShapeDtypeStruct):
+    return _abstract_record(kernel, qtype, n_in, n_stack, block_size, double_quant)
   arr = np.asarray(jax.device_get(kernel))
   if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
     raise TypeError(f"Only float kernels can be quantized, got dtype {arr.dtype}.")
@@ -334,6 +343,28 @@ def quantize_array(kernel: Any, qtype: str = "nf4", *, n_in: int = 1, n_stack: i
   fields = {k: np.stack([l[k] for l in layers]).reshape(lead + layers[0][k].shape)
             for k in layers[0]}
   return QuantizedArray(qtype=qtype, layer_shape=layer_shape, n_in=n_in, dtype=arr.dtype,
+                        block_size=block_size, **fields)
+
+
+def _abstract_record(kernel: jax.ShapeDtypeStruct, qtype: str, n_in: int, n_stack: int,
+                     block_size: int, double_quant: bool) -> QuantizedArray:
+  """The record `quantize_array` would return, as ShapeDtypeStructs (nothing is computed)."""
+  lead, layer_shape = tuple(kernel.shape[:n_stack]), tuple(kernel.shape[n_stack:])
+  if not 0 < n_in < len(layer_shape):
+    raise ValueError(f"n_in={n_in} input axes do not fit a kernel of layer shape {layer_shape}.")
+  sds = lambda shape, dt: jax.ShapeDtypeStruct(lead + tuple(shape), np.dtype(dt))
+  if qtype == "int8":
+    fields = {"packed": sds(layer_shape, np.int8),
+              "absmax": sds((math.prod(layer_shape[n_in:]),), np.float32)}
+  else:
+    n = math.prod(layer_shape)
+    n_blocks = -(-n // block_size)
+    fields = {"packed": sds((-(-n // 2),), np.uint8), "quant_map": sds((16,), np.float32),
+              "absmax": sds((n_blocks,), np.uint8 if double_quant else np.float32)}
+    if double_quant:
+      fields.update(nested_absmax=sds((-(-n_blocks // NESTED_BLOCK_SIZE),), np.float32),
+                    nested_quant_map=sds((256,), np.float32), offset=sds((), np.float32))
+  return QuantizedArray(qtype=qtype, layer_shape=layer_shape, n_in=n_in, dtype=kernel.dtype,
                         block_size=block_size, **fields)
 
 
@@ -484,11 +515,26 @@ def quantize(params: Any, qtype: str = "nf4", *, block_size: int = 64, double_qu
 
 
 def _place_like(q: QuantizedArray, kernel: Any) -> QuantizedArray:
+  if isinstance(kernel, jax.ShapeDtypeStruct):
+    return q
   sharding = getattr(kernel, "sharding", None)
   if isinstance(sharding, jax.sharding.NamedSharding):
     from jaxlora import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
     return jax.device_put(q, sharding_lib.quantized_sharding(q, sharding))
   return jax.tree.map(jnp.asarray, q)
+
+
+def requantize_like(kernel: Any, like: QuantizedArray) -> QuantizedArray:
+  """Quantizes a float kernel with the settings of an existing record (host side).
+
+  >>> import numpy as np
+  >>> q = quantize_array(np.ones((64, 2), np.float32), "fp4", double_quant=False)
+  >>> requantize_like(np.zeros((64, 2), np.float32), q)
+  QuantizedArray(fp4, shape=(64, 2), dtype=float32, block_size=64)
+  """
+  q = quantize_array(kernel, like.qtype, n_in=like.n_in, n_stack=like.n_stack,
+                     block_size=like.block_size or 64, double_quant=like.double_quant)
+  return _place_like(q, kernel)
 
 
 def dequantize(tree: Any) -> Any:

@@ -115,7 +115,7 @@ def quantized_sharding(q: Any, kernel_sharding: Any) -> Any:
 
   out = []
   for key, x in children:
-    name = key.name
+    name = key.key
     if name in ("quant_map", "nested_quant_map"):
       out.append(NamedSharding(mesh, PartitionSpec(*stack, None)))
     elif name == "offset":
@@ -298,7 +298,8 @@ def bytes_per_device(tree: Any, shardings: Any) -> int:
 
 def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-linear",
                 rules: Sequence[tuple[str, Any]] = FSDP_RULES, tx: Any = None,
-                adapter_dtype: Any = None) -> dict[str, int]:
+                adapter_dtype: Any = None, quantize: str | None = None, block_size: int = 64,
+                double_quant: bool = True) -> dict[str, int]:
   """Per-device bytes of base params, adapters and optimizer state, computed from shapes.
 
   Nothing is allocated: the model is traced abstractly. Activations are not
@@ -311,6 +312,9 @@ def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-l
     rules: logical-axis rules.
     tx: optimizer (default: optax.adamw, two moments per adapter parameter).
     adapter_dtype: as `jaxlora.wrap(dtype=...)`.
+    quantize, block_size, double_quant: a quantized base, as `jaxlora.quantize`
+      makes it (``'nf4'``, ``'fp4'``, ``'int8'``; every linear kernel but the
+      head); records shard as `quantized_sharding` says.
 
   Returns:
     ``{'base', 'adapter', 'optimizer', 'total'}`` in bytes per device.
@@ -322,6 +326,7 @@ def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-l
   >>> sorted(plan)
   ['adapter', 'base', 'optimizer', 'total']
   """
+  from jaxlora import quantization  # pylint: disable=import-outside-toplevel
   from jaxlora import transform  # pylint: disable=import-outside-toplevel
   from jaxlora.models.decoder import abstract_variables  # pylint: disable=import-outside-toplevel
 
@@ -329,6 +334,9 @@ def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-l
   base_sh = _shardings_of(boxed, mesh, rules)
   abstract = nn.unbox(boxed)["params"]
   lay = model.lora_layout(abstract)
+  if quantize is not None:  # abstract records: shapes only, nothing is quantized
+    abstract = quantization.quantize(abstract, quantize, block_size=block_size,
+                                     double_quant=double_quant, layout=lay)
   wrapped = jax.eval_shape(lambda p: transform.wrap(p, rank=rank, targets=targets, layout=lay,
                                                     key=jax.random.key(0), dtype=adapter_dtype),
                            abstract)
@@ -337,7 +345,8 @@ def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-l
   t_sh, _ = transform.split(sh)
   tx = tx if tx is not None else optax.adamw(1e-4)
   state = jax.eval_shape(tx.init, trainable)
-  base = bytes_per_device(abstract, base_sh)
+  not_adapter = lambda t: _tree.filter_tree(t, lambda k: k not in _tree.ADAPTER_KEYS, prune=True)
+  base = bytes_per_device(not_adapter(wrapped), not_adapter(sh))
   adapter = bytes_per_device(transform.adapter(wrapped), transform.adapter(sh))
   opt = bytes_per_device(state, opt_state_shardings(tx, trainable, t_sh, mesh))
   return {"base": base, "adapter": adapter, "optimizer": opt, "total": base + adapter + opt}

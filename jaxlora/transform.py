@@ -202,7 +202,7 @@ def _delta(path: str, kernel: Any, mod: Mapping) -> jax.Array:
   return d * scale.astype(ct).reshape(scale.shape + (1,) * (d.ndim - scale.ndim))
 
 
-def merge(tree: PyTree) -> PyTree:
+def merge(tree: PyTree, *, requantize: bool = False) -> PyTree:
   """Folds each adapter into its kernel: ``W + scale * A @ B``, adapters removed.
 
   The sum is computed in float32 (or wider) and stored in the kernel's dtype.
@@ -210,8 +210,18 @@ def merge(tree: PyTree) -> PyTree:
   or a differentiable "merge on the fly" path for layers `jaxlora.apply` does
   not reach.
 
+  A quantized base (`jaxlora.quantize`) merges into a FLOAT tree: each
+  quantized kernel is dequantized (plus its adapter's product, if it has one),
+  so the result runs with plain ``model.apply`` and exports as a float
+  checkpoint. With ``requantize=True`` the quantized kernels stay quantized
+  instead: adapted ones are quantized again, with their own type, block size
+  and double quantization, which adds a second rounding (a merged 4-bit model
+  no longer equals the adapter on the 4-bit base). Requantizing runs on the
+  host and cannot be traced.
+
   Args:
     tree: a wrapped tree (params or variables).
+    requantize: keep quantized kernels quantized (see above).
 
   Returns:
     The same form of tree without adapter leaves.
@@ -224,6 +234,7 @@ def merge(tree: PyTree) -> PyTree:
   >>> sorted(merged['dense']), bool(jnp.allclose(merged['dense']['kernel'], t['dense']['lora_a']))
   (['kernel'], True)
   """
+  from jaxlora import quantization  # pylint: disable=import-outside-toplevel
   p = _tree.get_params(tree)
   new = {}
   for path_t, mod in _tree.adapter_modules(p):
@@ -231,9 +242,15 @@ def merge(tree: PyTree) -> PyTree:
     kernel = mod[KERNEL_KEY]
     out = {k: v for k, v in mod.items() if k not in _tree.ADAPTER_KEYS}
     wide = _wide(kernel.dtype)
-    out[KERNEL_KEY] = (kernel.astype(wide) + _delta(path, kernel, mod)).astype(kernel.dtype)
+    merged = (kernel.astype(wide) + _delta(path, kernel, mod)).astype(kernel.dtype)
+    if requantize and quantization.is_quantized(kernel):
+      merged = quantization.requantize_like(merged, kernel)
+    out[KERNEL_KEY] = merged
     new[path_t] = out
-  return _tree.with_params(tree, _tree.replace_modules(p, new))
+  result = _tree.replace_modules(p, new)
+  if not requantize:
+    result = quantization.dequantize(result)
+  return _tree.with_params(tree, result)
 
 
 def unmerge(merged: PyTree, adapter_tree: PyTree) -> PyTree:

@@ -21,6 +21,9 @@ class ModelConfig:
   dtype: str = "float32"    # compute dtype: float32 (CPU) or bfloat16 (accelerators)
   param_dtype: str = "float32"
   remat: Union[str, None] = None  # None, 'full', 'dots', 'dots_no_batch'
+  quantize: Union[str, None] = None  # None (float base), 'nf4', 'fp4', 'int8' (QLoRA)
+  quant_block_size: int = 64
+  double_quant: bool = True
 
 
 @dataclasses.dataclass
@@ -103,6 +106,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": (None, "full", "dots", "dots_no_batch"),
+    "model.quantize": (None, "none", "nf4", "fp4", "int8"),
     "lora.init": ("kaiming", "gaussian"),
     "data.format": ("text", "prompt_completion", "chat"),
     "mesh.rules": ("fsdp", "fsdp_tp"),
@@ -210,6 +214,11 @@ def validate(cfg: Config) -> None:
   for k, v in positive.items():
     if v <= 0:
       raise ConfigError(f"config key '{k}' must be positive, got {v}")
+  if cfg.model.quantize == "none":  # `none` reads as a string in YAML; store one spelling
+    cfg.model.quantize = None
+  if cfg.model.quant_block_size < 2 or cfg.model.quant_block_size % 2:
+    raise ConfigError(f"config key 'model.quant_block_size' must be a positive even number "
+                      f"(bitsandbytes uses 64), got {cfg.model.quant_block_size}")
   if not 0 <= cfg.lora.dropout < 1:
     raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
   if not 0 <= cfg.data.eval_fraction < 1:
@@ -229,6 +238,10 @@ DOCS = {
     "model.dtype": "compute dtype: float32 (CPU) or bfloat16 (accelerators)",
     "model.param_dtype": "dtype the base weights are held in",
     "model.remat": "rematerialise layers in the backward pass: full, dots, dots_no_batch",
+    "model.quantize": "quantize the frozen base kernels (QLoRA): nf4, fp4, int8 or none; "
+                      "adapters stay float32, embeddings, norms and the output head stay float",
+    "model.quant_block_size": "values per 4-bit block (nf4/fp4; bitsandbytes' default 64)",
+    "model.double_quant": "quantize the 4-bit block maxima again (QLoRA's double quantization)",
     "lora.rank": "LoRA rank r",
     "lora.alpha": "LoRA alpha (scale alpha/r); default: rank",
     "lora.targets": "regex over module paths, a preset (all-linear, attention, mlp) or a list",

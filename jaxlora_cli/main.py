@@ -128,7 +128,10 @@ def _cmd_eval(args) -> None:
   with_adapter = run(t, f, batches)
   zero = jaxlora.combine(jax_zero_b(t), f)
   base = run(*jaxlora.split(zero), batches)
-  print(json.dumps({"examples": len(examples), "eval_loss": with_adapter,
+  # On a quantized (QLoRA) base both losses are on that quantized base.
+  qtypes = sorted({q.qtype for q in jaxlora.quantization.records(params).values()})
+  print(json.dumps({"examples": len(examples), "quantize": ",".join(qtypes) or None,
+                    "eval_loss": with_adapter,
                     "perplexity": float(np.exp(with_adapter)), "base_eval_loss": base,
                     "base_perplexity": float(np.exp(base))}, indent=2))
 
@@ -148,7 +151,13 @@ def _cmd_generate(args) -> None:
   from jaxlora_cli import trainer  # pylint: disable=import-outside-toplevel
 
   cfg, model, tok, params, tree = trainer.load_run(args.run_dir)
-  use = params if args.base else (jaxlora.merge(tree) if args.merged else tree)
+  if args.base and jaxlora.quantization.records(params):
+    # A quantized base runs through jaxlora.apply's quantized layers: B = 0 gives its function.
+    t, f = jaxlora.split(tree)
+    use = jaxlora.combine(jax_zero_b(t), f)
+  else:
+    use = (params if args.base else
+           jaxlora.dequantize(jaxlora.merge(tree)) if args.merged else tree)
   enc = [tok(p)["input_ids"] for p in args.prompt]
   width = max(len(e) for e in enc)
   pid = trainer.pad_id(tok)
@@ -166,11 +175,16 @@ def _cmd_generate(args) -> None:
 
 
 def _merged_export(run_dir: str, out: str) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
   import jaxlora  # pylint: disable=import-outside-toplevel
   from jaxlora_cli import trainer  # pylint: disable=import-outside-toplevel
 
   cfg, model, tok, params, tree = trainer.load_run(run_dir)
-  jaxlora.models.save_pretrained(out, model, jaxlora.merge(tree))
+  # A quantized (QLoRA) base merges into float kernels; dequantize any kernel left quantized
+  # (one without an adapter), so the checkpoint is a plain float one that transformers loads.
+  # Jitted: one compiled program instead of a dozen eager ops per quantized kernel.
+  merged = jax.jit(lambda t: jaxlora.dequantize(jaxlora.merge(t)))(tree)
+  jaxlora.models.save_pretrained(out, model, merged)
   trainer.copy_tokenizer(cfg.model.path, out)
   print(f"wrote merged Hugging Face checkpoint to {out}", file=sys.stderr)
 

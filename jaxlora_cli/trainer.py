@@ -48,11 +48,15 @@ def load_model(cfg: Config, mesh=None):
   if not os.path.isdir(path):
     raise ConfigError(f"model directory {path} not found")
   try:
+    # QLoRA (model.quantize): kernels are quantized tensor by tensor as they are read; a
+    # bitsandbytes 4-bit checkpoint loads quantized as stored.
     model, params = jaxlora.models.from_pretrained(
         path, dtype=jnp.dtype(cfg.model.dtype), param_dtype=jnp.dtype(cfg.model.param_dtype),
         remat=cfg.model.remat,
         shardings=None if mesh is None else
-        (lambda m: jaxlora.sharding.param_shardings(m, mesh, rules(cfg))))
+        (lambda m: jaxlora.sharding.param_shardings(m, mesh, rules(cfg))),
+        quantize=cfg.model.quantize, block_size=cfg.model.quant_block_size,
+        double_quant=cfg.model.double_quant)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(str(e)) from None
   return model, params
@@ -150,6 +154,11 @@ def make_train_step(model, tx, dropout: float, shardings=None):
   if shardings is None:
     return jax.jit(step)
   t_sh, o_sh, f_sh, b_sh, rep = shardings
+  if jaxlora.quantization.records(f_sh):
+    # The frozen half is placed on f_sh already; a QuantizedArray of shardings cannot go into
+    # in_shardings (jit rebuilds it with None leaves for its layouts, which the record's
+    # flatten drops), so jit takes the arguments' own shardings.
+    f_sh = None
   return jax.jit(step, in_shardings=(t_sh, o_sh, f_sh, b_sh, rep),
                  out_shardings=(t_sh, o_sh, rep))
 
@@ -265,8 +274,9 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
   lr_schedule = schedule(cfg)
   tx = optimizer(cfg, lr_schedule)
   # Adapters follow their kernels' shardings; optimizer state follows its params.
+  # The float kernels' shardings (a quantized record's own shardings derive from them).
   t_sh, f_sh = jaxlora.split(jaxlora.sharding.tree_shardings(
-      tree, jax.tree.map(lambda x: x.sharding, params)))
+      tree, jaxlora.sharding.param_shardings(model, mesh, rules(cfg))))
   rep = NamedSharding(mesh, PartitionSpec())
   b_sh = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
   trainable, frozen = jaxlora.split(tree)

@@ -295,5 +295,5 @@ def test_bad_input_errors():
     jaxlora.quantize(params, "nf4", targets="nothing")
   x = jnp.ones((2, 3, 6))
   v = EinsumNet().init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match="per_head/kernel.*exclude"):
+  with pytest.raises(ValueError, match="(per_head|interleaved)/kernel.*exclude"):
     jaxlora.quantize(v, "nf4", layout=jaxlora.layout(EinsumNet().apply, v, x), targets=".*")

@@ -93,32 +93,106 @@ def _open_weights(path: str) -> dict[str, safetensors_io.SafetensorsFile]:
   raise FileNotFoundError(f"No model.safetensors or model.safetensors.index.json in {path!r}.{hint}")
 
 
+def _torch_dtype(name: Any) -> np.dtype:
+  """A dtype as bitsandbytes' quant state writes it ('float32', 'bfloat16', 'torch.float16')."""
+  name = str(name)
+  name = name[len("torch."):] if name.startswith("torch.") else name
+  if name not in _STATE_DTYPES:
+    raise ValueError(f"dtype {name!r} (expected one of {sorted(_STATE_DTYPES)})")
+  return np.dtype(_STATE_DTYPES[name])
+
+
+_STATE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
+_QUANT_STATE = re.compile(r"^(.+\.weight)\.quant_state\.(.+)$")
+_BNB4_STATES = {"bitsandbytes__nf4": "nf4", "bitsandbytes__fp4": "fp4"}
+
+
+def _stored_qtype(hf: Mapping, source: str, qtype: str | None) -> str | None:
+  """Checks config.json's ``quantization_config``; the bitsandbytes type it declares, if any."""
+  qc = hf.get("quantization_config")
+  if not qc:
+    return None
+  if not isinstance(qc, Mapping):
+    raise ValueError(f"{source}: quantization_config is {type(qc).__name__}, not an object.")
+  method = qc.get("quant_method", "bitsandbytes" if ("load_in_4bit" in qc or "load_in_8bit" in qc)
+                  else None)
+  if method != "bitsandbytes":
+    raise ValueError(
+        f"{source}: quantization_config.quant_method is {method!r}; jaxlora reads checkpoints "
+        "quantized with bitsandbytes (4-bit nf4/fp4 and 8-bit) only. Load the original float "
+        "checkpoint instead, optionally with from_pretrained(..., quantize='nf4').")
+  if qc.get("load_in_4bit"):
+    stored, key = qc.get("bnb_4bit_quant_type", "fp4"), "bnb_4bit_quant_type"
+    if stored not in ("nf4", "fp4"):
+      raise ValueError(f"{source}: quantization_config.bnb_4bit_quant_type is {stored!r}; "
+                       "bitsandbytes 4-bit types are 'nf4' and 'fp4'.")
+  elif qc.get("load_in_8bit"):
+    stored, key = "int8", "load_in_8bit"
+  else:
+    return None
+  if qtype is not None and qtype != stored:
+    raise ValueError(
+        f"{source}: quantize={qtype!r}, but this checkpoint is already quantized by bitsandbytes "
+        f"as {stored!r} (quantization_config.{key}); quantizing its quantized weights again "
+        f"would add a second rounding. Pass quantize=None (or {stored!r}) to load it as stored, "
+        f"or load the float checkpoint with quantize={qtype!r}.")
+  return stored
+
+
 def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                    remat: str | None = None, shardings: Any = None) -> tuple[Decoder, dict]:
+                    remat: str | None = None, shardings: Any = None, quantize: str | None = None,
+                    block_size: int = 64, double_quant: bool = True) -> tuple[Decoder, dict]:
   """Loads a Hugging Face GPT-2 or Llama-family checkpoint from a local directory.
 
   Reads `config.json` and `model.safetensors` (or a sharded
   `model.safetensors.index.json`), converts tensor by tensor (PyTorch
   `[out, in]` to Flax `(in, out)`, GPT-2 Conv1D as is), stacks the layers for
-  `nn.scan`, and never touches the network.
+  `nn.scan`, and never touches the network. Each tensor is read from the file
+  into its own buffer, converted, placed and dropped, so host memory holds the
+  loaded params plus one tensor, not a second copy of the checkpoint.
+
+  QLoRA bases: with ``quantize='nf4'`` (or ``'fp4'``, ``'int8'``) every linear
+  kernel but ``lm_head`` becomes a `jaxlora.QuantizedArray` as it is read (one
+  layer of a stack at a time; embeddings and norms stay in float, as
+  bitsandbytes leaves them), equal to ``jaxlora.quantize`` of the float params
+  in `param_dtype`, so the float model never exists in full. Checkpoints that
+  transformers saved quantized with bitsandbytes (``quantization_config``
+  with ``load_in_4bit`` or ``load_in_8bit``; ``weight.absmax``,
+  ``weight.quant_map``, ``weight.quant_state.bitsandbytes__nf4``, ... or
+  ``SCB`` tensors) load as records built from the stored codes, block maxima
+  and code tables: their kernels dequantize exactly to bitsandbytes'
+  dequantization, in the dtype recorded in each quant state (int8 records in
+  `param_dtype`). Run the result through `jaxlora.apply`.
 
   Args:
     path: checkpoint directory.
     dtype: compute dtype of the returned model.
-    param_dtype: dtype the params are stored in.
+    param_dtype: dtype the params are stored in (and that quantized kernels
+      of a float checkpoint dequantize to).
     remat: rematerialisation policy of the layers (see `Decoder`).
-    shardings: optional tree of shardings like the params (e.g. from
+    shardings: optional tree of shardings like the (float) params (e.g. from
       `jaxlora.sharding.param_shardings`), or a function of the model that returns
       one: each tensor is placed straight into its shards, so no device ever
-      holds a whole copy of a sharded weight.
+      holds a whole copy of a sharded weight. A quantized kernel's record is
+      placed with `jaxlora.sharding.quantized_sharding` of its float sharding.
+    quantize: None (float kernels, or a bitsandbytes checkpoint as stored),
+      ``'nf4'``, ``'fp4'`` or ``'int8'``. On a bitsandbytes checkpoint it must
+      be None or the stored type.
+    block_size: values per 4-bit block when quantizing a float checkpoint
+      (a bitsandbytes checkpoint keeps its own).
+    double_quant: quantize the 4-bit block maxima again when quantizing a
+      float checkpoint (QLoRA's double quantization).
 
   Returns:
     ``(model, params)``; ``model.apply({'params': params}, input_ids, attention_mask=...)``
-    returns logits.
+    returns logits (``jaxlora.apply(model.apply)`` when params hold quantized kernels).
 
   Raises:
     FileNotFoundError: missing directory or files.
-    ValueError: unknown model type, missing, extra or misshapen tensors.
+    ValueError: unknown model type, missing, extra or misshapen tensors, an
+      unknown `quantize` value, a checkpoint quantized by another method than
+      bitsandbytes (GPTQ, AWQ, ...) or with another type than `quantize`, and
+      corrupt quantization state.
 
   >>> import tempfile, jax, jax.numpy as jnp, jaxlora
   >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
@@ -130,42 +204,207 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
   >>> bool(jnp.array_equal(params2['layers']['mlp']['up_proj']['kernel'],
   ...                      params['layers']['mlp']['up_proj']['kernel']))
   True
+  >>> model3, qparams = jaxlora.models.from_pretrained(d, quantize="nf4")
+  >>> qparams['layers']['mlp']['up_proj']['kernel']
+  QuantizedArray(nf4, shape=(2, 16, 32), dtype=float32, block_size=64, double_quant)
+  >>> logits = jaxlora.apply(model3.apply)({'params': qparams}, jnp.ones((1, 4), jnp.int32))
+  >>> logits.shape
+  (1, 4, 32)
   """
-  cfg = ModelConfig.from_hf(_read_config(path), source=os.path.join(path, "config.json"))
+  from jaxlora import quantization  # pylint: disable=import-outside-toplevel
+  from jaxlora import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+
+  source = os.path.join(path, "config.json")
+  hf = _read_config(path)
+  qtype = None if quantize is None else quantization._check_qtype(quantize)  # pylint: disable=protected-access
+  if qtype is not None:
+    block_size = quantization._check_block_size(block_size, qtype)  # pylint: disable=protected-access
+  _stored_qtype(hf, source, qtype)
+  # The quantization config describes the stored tensors, not the model: a merged export of
+  # the loaded model is a float checkpoint, so it is not carried into `config.extra`.
+  cfg = ModelConfig.from_hf({k: v for k, v in hf.items() if k != "quantization_config"},
+                            source=source)
   weights = _open_weights(path)
   model = Decoder(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
   abstract = _abstract_params(model)
   prefix = "transformer." if any(k.startswith("transformer.") for k in weights) else ""
   used: set[str] = set()
   scan = _scan_name(cfg)
+  pdtype = np.dtype(param_dtype)
+  quant_states: dict[str, str] = {}  # '<...>.weight' -> its quant_state key
+  for k in weights:
+    m = _QUANT_STATE.match(k)
+    if m:
+      if m.group(2) not in _BNB4_STATES:
+        raise ValueError(f"Checkpoint {path!r}: tensor {k!r} holds a quant state of unknown "
+                         f"kind {m.group(2)!r}; jaxlora reads bitsandbytes "
+                         f"{sorted(_BNB4_STATES)} (and 8-bit SCB) quantization.")
+      quant_states[m.group(1)] = k
+
+  def read(name: str) -> np.ndarray:
+    used.add(name)
+    return weights[name].read(name)
 
   def fetch(name: str, want: tuple[int, ...], transpose: bool) -> np.ndarray:
     if name not in weights:
       raise ValueError(f"Checkpoint {path!r} lacks tensor {name!r} (expected shape "
                        f"{want[::-1] if transpose else want}) for model_type {cfg.model_type!r}.")
-    t = weights[name].get(name)
-    if transpose:
-      t = t.T
-    if tuple(t.shape) != want:
-      stored = tuple(weights[name].shape(name))
+    stored = tuple(weights[name].shape(name))
+    if (stored[::-1] if transpose else stored) != want:
       raise ValueError(f"Tensor {name!r} in {weights[name].path} has shape {stored}; the config "
                        f"implies {want[::-1] if transpose else want}.")
-    used.add(name)
-    return t
+    t = read(name)
+    if not np.issubdtype(t.dtype, np.floating) and t.dtype != jnp.bfloat16:
+      raise ValueError(f"Tensor {name!r} in {weights[name].path} has dtype {t.dtype}; a float "
+                       "weight was expected (a quantized weight without its quantization "
+                       "state? Check that the checkpoint's files are complete).")
+    return t.T if transpose else t
+
+  def aux(name: str, part: str, owner: str) -> np.ndarray:
+    key = f"{name}.{part}"
+    if key not in weights:
+      raise ValueError(f"Checkpoint {path!r} lacks tensor {key!r}, part of the bitsandbytes "
+                       f"quantization of {owner!r}; the checkpoint is incomplete.")
+    return read(key)
+
+  def bnb4(name: str, want: tuple[int, ...]):
+    key = quant_states[name]
+    where = f"Tensor {key!r} in {weights[key].path}"
+    try:
+      state = json.loads(bytes(read(key).reshape(-1).view(np.uint8)).decode("utf-8"))
+      if not isinstance(state, dict):
+        raise ValueError("not a JSON object")
+      qt = state["quant_type"]
+      bs = int(state["blocksize"])
+      shape = tuple(int(d) for d in state["shape"])
+      kdtype = _torch_dtype(state["dtype"])
+      nested = "nested_blocksize" in state or "nested_offset" in state
+      if nested:
+        nested_bs = int(state["nested_blocksize"])
+        offset = np.float32(state["nested_offset"])
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+      detail = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+      raise ValueError(f"{where} is not a valid bitsandbytes quant state ({detail}); the "
+                       "checkpoint is corrupt: save it again with transformers' "
+                       "save_pretrained.") from None
+    expect = _BNB4_STATES[_QUANT_STATE.match(key).group(2)]
+    if qt != expect:
+      raise ValueError(f"{where} says quant_type {qt!r} but its name says {expect!r}; the "
+                       "checkpoint is corrupt.")
+    if qtype is not None and qt != qtype:
+      raise ValueError(f"quantize={qtype!r}, but {name!r} in {weights[name].path} is stored "
+                       f"quantized by bitsandbytes as {qt!r}. Pass quantize=None (or {qt!r}) "
+                       f"to load it as stored, or load the float checkpoint with "
+                       f"quantize={qtype!r}.")
+    if len(shape) != 2 or shape[::-1] != want:
+      raise ValueError(f"{where} records weight shape {list(shape)}; the config implies "
+                       f"{list(want[::-1])}.")
+    if bs < 2 or bs % 2:
+      raise ValueError(f"{where} has blocksize {bs}; bitsandbytes uses even block sizes.")
+    n = shape[0] * shape[1]
+    packed = read(name).reshape(-1).view(np.uint8)  # any quant_storage dtype: the bytes
+    if packed.size != (n + 1) // 2:
+      raise ValueError(f"Tensor {name!r} in {weights[name].path} holds {packed.size} bytes of "
+                       f"4-bit codes; its quant state (shape {list(shape)}) needs {(n + 1) // 2}.")
+    n_blocks = -(-n // bs)
+    absmax = aux(name, "absmax", name).reshape(-1)
+    quant_map = aux(name, "quant_map", name).reshape(-1).astype(np.float32)
+    if absmax.size != n_blocks or quant_map.size != 16:
+      raise ValueError(f"{name!r}: absmax has {absmax.size} values and quant_map {quant_map.size}"
+                       f"; blocksize {bs} over {list(shape)} needs {n_blocks} and 16.")
+    fields = dict(packed=packed, quant_map=quant_map)
+    if nested:
+      if nested_bs != quantization.NESTED_BLOCK_SIZE:
+        raise ValueError(f"{where} has nested_blocksize {nested_bs}; jaxlora implements "
+                         f"bitsandbytes' {quantization.NESTED_BLOCK_SIZE}.")
+      if absmax.dtype != np.uint8:
+        raise ValueError(f"{name}.absmax has dtype {absmax.dtype}; double quantization "
+                         "stores uint8 codes.")
+      nested_absmax = aux(name, "nested_absmax", name).reshape(-1).astype(np.float32)
+      nested_map = aux(name, "nested_quant_map", name).reshape(-1).astype(np.float32)
+      if (nested_absmax.size != -(-n_blocks // nested_bs) or nested_map.size != 256):
+        raise ValueError(f"{name!r}: nested_absmax has {nested_absmax.size} values and "
+                         f"nested_quant_map {nested_map.size}; {n_blocks} blocks need "
+                         f"{-(-n_blocks // nested_bs)} and 256.")
+      fields.update(absmax=absmax, nested_absmax=nested_absmax, nested_quant_map=nested_map,
+                    offset=np.asarray(offset, np.float32))
+    else:
+      fields.update(absmax=absmax.astype(np.float32))
+    return quantization.QuantizedArray(qtype=qt, layer_shape=want, n_in=1, dtype=kdtype,
+                                       block_size=bs, **fields)
+
+  def bnb8(name: str, module: str, want: tuple[int, ...]):
+    where = f"Tensor {name!r} in {weights[name].path}"
+    if qtype is not None and qtype != "int8":
+      raise ValueError(f"quantize={qtype!r}, but {name!r} in {weights[name].path} is stored "
+                       "quantized by bitsandbytes as 'int8'. Pass quantize=None (or 'int8') to "
+                       f"load it as stored, or load the float checkpoint with quantize={qtype!r}.")
+    w = read(name)
+    if w.dtype != np.int8 or w.ndim != 2 or w.shape[::-1] != want:
+      raise ValueError(f"{where} is {w.dtype} {list(w.shape)}; a bitsandbytes 8-bit weight is "
+                       f"int8 {list(want[::-1])}.")
+    fmt_key = module + ".weight_format"
+    if fmt_key in weights:
+      fmt = read(fmt_key).reshape(-1)
+      if fmt.size != 1 or int(fmt[0]) != 0:
+        raise ValueError(f"Tensor {fmt_key!r} is {fmt.tolist()}: only bitsandbytes' row-major "
+                         "int8 format (0) is supported.")
+    scb = aux(module, "SCB", name).reshape(-1).astype(np.float32)
+    if scb.size != want[1]:
+      raise ValueError(f"{module}.SCB has {scb.size} row scales; {name!r} has {want[1]} rows.")
+    return quantization.QuantizedArray(qtype="int8", layer_shape=want, n_in=1, dtype=pdtype,
+                                       block_size=0, packed=np.ascontiguousarray(w.T),
+                                       absmax=scb)
+
+  def layer(path_t: tuple[str, ...], name: str, want: tuple[int, ...], transpose: bool):
+    """One layer's tensor: a float array, or a record for a quantized kernel."""
+    if path_t[-1] == "kernel":
+      module = name[: -len(".weight")]
+      if name in quant_states:
+        return bnb4(name, want)
+      if module + ".SCB" in weights:
+        return bnb8(name, module, want)
+      if qtype is not None and path_t[0] != "lm_head":
+        t = np.asarray(fetch(name, want, transpose), pdtype)
+        return quantization.quantize_array(t, qtype, block_size=block_size,
+                                           double_quant=double_quant)
+    return fetch(name, want, transpose)
 
   def load(path_t: tuple[str, ...], leaf: jax.ShapeDtypeStruct):
     transpose = _transposed(cfg, path_t)
     if path_t[0] == scan:
-      out = np.empty(leaf.shape, leaf.dtype)
+      out: Any = None
+      recs = []
       for i in range(leaf.shape[0]):
-        out[i] = fetch(_hf_name(cfg, path_t, i, prefix), leaf.shape[1:], transpose)
+        t = layer(path_t, _hf_name(cfg, path_t, i, prefix), leaf.shape[1:], transpose)
+        if i and quantization.is_quantized(t) != bool(recs):
+          raise ValueError(
+              f"{_hf_name(cfg, path_t, i, prefix)!r} is stored "
+              f"{'in float' if recs else 'quantized'} but {_hf_name(cfg, path_t, 0, prefix)!r} "
+              f"{'is quantized' if recs else 'is not'}: the layers of an nn.scan stack need one "
+              "storage format. Load the float checkpoint with quantize=... instead.")
+        if quantization.is_quantized(t):
+          recs.append(t)
+        else:
+          if out is None:
+            out = np.empty(leaf.shape, leaf.dtype)
+          out[i] = t
+      if recs:
+        out = _stack_records(recs, _hf_name(cfg, path_t, 0, prefix))
     else:
-      out = np.asarray(fetch(_hf_name(cfg, path_t, None, prefix), leaf.shape, transpose),
-                       leaf.dtype)
+      out = layer(path_t, _hf_name(cfg, path_t, None, prefix), leaf.shape, transpose)
+      if not quantization.is_quantized(out):
+        out = np.asarray(out, leaf.dtype)
     sharding = shard_map.get(path_t)
+    if quantization.is_quantized(out):
+      if sharding is None:
+        return jax.device_put(out)
+      return jax.tree.map(_place, out, sharding_lib.quantized_sharding(out, sharding))
     if sharding is not None:
-      return jax.make_array_from_callback(out.shape, sharding, lambda idx: out[idx])
-    return jnp.asarray(out)  # one tensor at a time: the numpy copy is freed right after
+      return _place(out, sharding)
+    # One tensor at a time: the host copy is freed right after. (jax.device_put copies once;
+    # jnp.asarray makes a second, transient host copy of the array on CPU.)
+    return jax.device_put(out)
 
   flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
   shard_map = {}
@@ -187,6 +426,22 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
   params = jax.tree_util.tree_unflatten(
       jax.tree.structure(abstract), [loaded[tuple(k.key for k in kp)] for kp, _ in flat])
   return model, params
+
+
+def _place(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A host array placed straight into its shards."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _stack_records(recs: list, name: str):
+  """Stacks per-layer `QuantizedArray` records along a new leading (scan) axis."""
+  aux0 = recs[0].tree_flatten_with_keys()[1]
+  for i, r in enumerate(recs):
+    if r.tree_flatten_with_keys()[1] != aux0:
+      raise ValueError(f"Layer {i} of the stack starting at {name!r} is stored as {r!r}, layer 0 "
+                       f"as {recs[0]!r}: the layers of an nn.scan stack need one quantization "
+                       "type, block size, dtype and double quantization.")
+  return jax.tree.map(lambda *xs: np.stack(xs), *recs)
 
 
 def save_pretrained(path: str, model: Decoder, params: Any, *,
@@ -221,6 +476,12 @@ def save_pretrained(path: str, model: Decoder, params: Any, *,
   if _tree.adapter_modules(p):
     raise ValueError("The params hold LoRA adapters; export `jaxlora.merge(tree)` as a plain "
                      "checkpoint, or the adapter alone in PEFT format.")
+  from jaxlora import quantization  # pylint: disable=import-outside-toplevel
+  quantized = quantization.records(p)
+  if quantized:
+    raise ValueError(f"The params hold quantized kernels (at {next(iter(quantized))!r}); "
+                     "save_pretrained writes float checkpoints: export "
+                     "`jaxlora.dequantize(params)` (or `jaxlora.merge(tree)`).")
   cfg = model.config
   abstract = _abstract_params(model)
   want = jax.tree_util.tree_flatten_with_path(abstract)[0]

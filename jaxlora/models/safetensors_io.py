@@ -4,6 +4,12 @@ The format: an 8-byte little-endian header length, a JSON header mapping each
 tensor name to its dtype, shape and byte range, then the raw little-endian data.
 Reading maps the file and copies one tensor at a time, so a checkpoint is never
 held twice in host memory.
+
+`SafetensorsFile.get` returns a view of a memory map (no copy; the pages it
+touches count in the process' resident memory while the file stays mapped);
+`SafetensorsFile.read` copies one tensor into a fresh array with plain reads,
+so a loader that converts tensor by tensor (quantizing, casting) holds only
+the tensor at hand.
 """
 
 from __future__ import annotations
@@ -71,6 +77,30 @@ class SafetensorsFile:
     begin, end = info["data_offsets"]
     buf = self._map[self._offset + begin:self._offset + end]
     return buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+  def read(self, name: str) -> np.ndarray:
+    """The tensor as a new, writable array read from the file (no memory map).
+
+    >>> import os, tempfile, numpy as np
+    >>> p = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+    >>> save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, p)
+    >>> SafetensorsFile(p).read("w")
+    array([[0., 1., 2.],
+           [3., 4., 5.]], dtype=float32)
+    """
+    info = self.header[name]
+    begin, end = info["data_offsets"]
+    out = np.empty(end - begin, np.uint8)
+    view = memoryview(out)
+    with open(self.path, "rb", buffering=0) as f:
+      f.seek(self._offset + begin)
+      done = 0
+      while done < out.size:
+        n = f.readinto(view[done:])
+        if not n:
+          raise ValueError(f"{self.path}: tensor {name!r} ends early (file truncated?).")
+        done += n
+    return out.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def _umask() -> int:

@@ -323,7 +323,7 @@ def quantize_array(kernel: Any, qtype: str = "nf4", *, n_in: int = 1, n_stack: i
   >>> q = quantize_array(w, "nf4")
   >>> q.packed.shape, q.absmax.dtype, q.shape
   ((192,), dtype('uint8'), (128, 3))
-  >>> float(np.abs(np.asarray(dequantize_array(q)) - w).max()) < 0.1
+  >>> float(np.abs(np.asarray(dequantize_array(q)) - w).max()) < 0.15  # half NF4's widest gap
   True
   """
   qtype = _check_qtype(qtype)
@@ -393,7 +393,7 @@ def dequantize_array(q: QuantizedArray) -> jax.Array:
   >>> import numpy as np
   >>> w = np.arange(12, dtype=np.float32).reshape(4, 3) - 6
   >>> np.asarray(dequantize_array(quantize_array(w, "int8")))[0]
-  array([-6.      , -4.976378, -4.      ], dtype=float32)
+  array([-6.      , -5.      , -4.015748], dtype=float32)
   """
   if not isinstance(q, QuantizedArray):
     raise TypeError(f"Expected a QuantizedArray, got {type(q).__name__}.")

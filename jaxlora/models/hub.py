@@ -396,15 +396,15 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
       if not quantization.is_quantized(out):
         out = np.asarray(out, leaf.dtype)
     sharding = shard_map.get(path_t)
-    if quantization.is_quantized(out):
-      if sharding is None:
-        return jax.device_put(out)
-      return jax.tree.map(_place, out, sharding_lib.quantized_sharding(out, sharding))
-    if sharding is not None:
-      return _place(out, sharding)
-    # One tensor at a time: the host copy is freed right after. (jax.device_put copies once;
-    # jnp.asarray makes a second, transient host copy of the array on CPU.)
-    return jax.device_put(out)
+    if sharding is None:
+      placed = jax.device_put(out)  # one copy (jnp.asarray makes a second, transient one on CPU)
+    elif quantization.is_quantized(out):
+      placed = jax.tree.map(_place, out, sharding_lib.quantized_sharding(out, sharding))
+    else:
+      placed = _place(out, sharding)
+    # One tensor at a time: wait for the copy so that the host array is freed before the next
+    # tensor is read (otherwise pending transfers keep several host copies alive at once).
+    return jax.block_until_ready(placed)
 
   flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
   shard_map = {}

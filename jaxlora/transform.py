@@ -456,7 +456,9 @@ def summary(tree: PyTree) -> Summary:
         None if scale is None else scale * r, tuple(a.shape), tuple(b.shape),
         int(math.prod(a.shape) + math.prod(b.shape))))
   trainable = sum(l.params for l in layers)
+  from jaxlora.quantization import is_quantized  # pylint: disable=import-outside-toplevel
+  # A quantized kernel counts as the parameters it stands for, not its stored bytes.
   base = sum(int(math.prod(x.shape)) for x in
              jax.tree.leaves(_tree.filter_tree(p, lambda k: k not in _tree.ADAPTER_KEYS,
-                                               prune=True)))
+                                               prune=True), is_leaf=is_quantized))
   return Summary(tuple(layers), trainable, base + trainable)

@@ -191,19 +191,31 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
-               position_ids: Array | None = None, cache: dict | None = None):
+               position_ids: Array | None = None, cache: dict | None = None,
+               segment_ids: Array | None = None):
     """Logits `(batch, seq, vocab)`; with `cache`, also the updated cache.
 
     Args:
       input_ids: int `(batch, seq)`.
       attention_mask: `(batch, seq)`, 1 for tokens and 0 for padding (either side).
-      position_ids: `(batch, seq)`; by default counted from the first real token.
+      position_ids: `(batch, seq)`; by default counted from the first real token (with
+        `segment_ids`, from the first token of each segment).
       cache: from `init_cache`; new keys and values are written at `cache['index']`.
+      segment_ids: int `(batch, seq)` for packed rows: tokens attend only to earlier tokens of
+        their own segment, positions restart at 0 in each segment, and 0 marks padding. A
+        segment is a run of equal ids. Not with `cache`.
     """
     cfg = self.config
     b, t = input_ids.shape
     valid = (jnp.ones((b, t), bool) if attention_mask is None
              else jnp.asarray(attention_mask).astype(bool))
+    same_segment = None
+    if segment_ids is not None:
+      seg = _check_segments(segment_ids, (b, t), cache)
+      valid = valid & (seg > 0)
+      same_segment = seg[:, None, :, None] == seg[:, None, None, :]
+      if position_ids is None:
+        position_ids = _segment_positions(seg)
     if cache is None:
       index = jnp.zeros((), jnp.int32)
       key_valid = valid
@@ -223,6 +235,8 @@ class Decoder(nn.Module):
     if cfg.sliding_window is not None:
       allowed &= q_slot[:, None] - k_slot[None, :] < cfg.sliding_window
     mask = allowed[None, None, :, :] & key_valid[:, None, None, :]
+    if same_segment is not None:
+      mask = mask & same_segment
 
     embed_name = "wte" if cfg.is_gpt2 else "embed_tokens"
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
@@ -271,6 +285,25 @@ class Decoder(nn.Module):
     new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": key_valid, "index": index + t,
                  "next_position": cache["next_position"] + n_new}
     return logits, new_cache
+
+
+def _check_segments(segment_ids, shape, cache):
+  seg = jnp.asarray(segment_ids)
+  if cache is not None:
+    raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache; decode "
+                     "one sequence per row with attention_mask instead.")
+  if tuple(seg.shape) != tuple(shape) or not jnp.issubdtype(seg.dtype, jnp.integer):
+    raise ValueError(f"segment_ids must be an integer array shaped like input_ids {shape}, got "
+                     f"{seg.dtype} {tuple(seg.shape)}.")
+  return seg
+
+
+def _segment_positions(seg):
+  """Index of each token within its segment (a run of equal ids)."""
+  t = seg.shape[1]
+  idx = jnp.arange(t)[None, :]
+  starts = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
 def _lora_layout(model: "Decoder", params) -> kernel_layout.Layout:

@@ -61,3 +61,33 @@ def test_segment_ids_errors():
   cache = jaxlora.models.init_cache(CONFIGS["llama"], 2, 8)
   with pytest.raises(ValueError, match="KV cache"):
     model.apply({"params": params}, ids, segment_ids=jnp.ones((2, 4), jnp.int32), cache=cache)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_chunked_cross_entropy_equals_full_loss_and_gradients(name):
+  model = jaxlora.models.Decoder(CONFIGS[name])
+  params = jax.jit(jaxlora.models.init, static_argnums=0)(model, jax.random.key(0))
+  # Adapters everywhere, the untied head included: the chunked head must add its LoRA term.
+  tree = jax.jit(lambda t: randomize_adapters(t, jax.random.key(2), scale=0.2))(
+      jaxlora.wrap(params, rank=2, targets=".*", layout=model, key=jax.random.key(1)))
+  trainable, frozen = jaxlora.split(tree)
+  rng = np.random.default_rng(1)
+  ids = jnp.asarray(rng.integers(0, 64, size=(2, 12)), jnp.int32)
+  w = jnp.asarray(rng.integers(0, 2, size=(2, 11)), jnp.float32)
+  fwd = jaxlora.apply(model.apply, check_reached=False)
+
+  def full(t):
+    logits = fwd({"params": jaxlora.combine(t, frozen)}, ids[:, :-1]).astype(jnp.float32)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1)[..., 0]
+    return jnp.sum(nll * w) / jnp.sum(w)
+
+  def chunked(t):
+    p = jaxlora.combine(t, frozen)
+    h = fwd({"params": p}, ids[:, :-1], return_hidden=True)
+    return jaxlora.models.chunked_cross_entropy(model, p, h, ids[:, 1:], w, chunk_size=4)
+
+  (l1, g1), (l2, g2) = jax.jit(jax.value_and_grad(full))(trainable), jax.jit(
+      jax.value_and_grad(chunked))(trainable)
+  np.testing.assert_allclose(l2, l1, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+    assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b))

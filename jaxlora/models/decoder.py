@@ -192,7 +192,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                position_ids: Array | None = None, cache: dict | None = None,
-               segment_ids: Array | None = None):
+               segment_ids: Array | None = None, return_hidden: bool = False):
     """Logits `(batch, seq, vocab)`; with `cache`, also the updated cache.
 
     Args:
@@ -204,6 +204,8 @@ class Decoder(nn.Module):
       segment_ids: int `(batch, seq)` for packed rows: tokens attend only to earlier tokens of
         their own segment, positions restart at 0 in each segment, and 0 marks padding. A
         segment is a run of equal ids. Not with `cache`.
+      return_hidden: return the final normalised hidden states `(batch, seq, hidden)` instead
+        of logits (for `jaxlora.models.chunked_cross_entropy`, which applies the head itself).
     """
     cfg = self.config
     b, t = input_ids.shape
@@ -273,7 +275,9 @@ class Decoder(nn.Module):
                        use_fast_variance=False, name="ln_f")(x)
     else:
       x = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="norm")(x)
-    if cfg.tie_word_embeddings:
+    if return_hidden:
+      logits = x
+    elif cfg.tie_word_embeddings:
       logits = embed.attend(x)
     else:
       logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,

@@ -272,24 +272,47 @@ def _quantize_8bit_dynamic(x: np.ndarray, block_size: int):
   return _nearest(DYNAMIC_CODE, scaled), absmax
 
 
-def _torch_order(w: np.ndarray, n_in: int) -> np.ndarray:
-  """A Flax kernel ``(*in, *out)`` as the flattened PyTorch ``(out, in)`` weight."""
-  n_rows = math.prod(w.shape[:n_in])
-  return np.ascontiguousarray(w.reshape(n_rows, -1).T).reshape(-1)
+_CHUNK_VALUES = 1 << 20  # values quantized at a time: bounds the host working memory
+
+
+def _quantize_4bit_rows(w2: np.ndarray, code: np.ndarray, block_size: int):
+  """4-bit codes and block maxima of a Flax ``(n_in, n_out)`` kernel in PyTorch's flat order.
+
+  Works through the kernel a few output rows at a time (whole blocks per
+  chunk), so the float32 working copies stay near `_CHUNK_VALUES` values
+  whatever the kernel's size.
+  """
+  n_in, n_out = w2.shape
+  n = n_in * n_out
+  packed = np.empty((-(-n // 2),), np.uint8)
+  absmax = np.empty((-(-n // block_size),), np.float32)
+  unit = block_size // math.gcd(n_in, block_size)  # rows whose values fill whole blocks
+  rows = max(unit, _CHUNK_VALUES // max(n_in, 1) // unit * unit)
+  for o0 in range(0, n_out, rows):
+    o1 = min(n_out, o0 + rows)
+    flat = np.ascontiguousarray(w2[:, o0:o1].T, np.float32).reshape(-1)
+    b0, f0 = o0 * n_in // block_size, o0 * n_in  # f0 is a multiple of the (even) block size
+    am, scaled = _block_scale(flat, block_size)
+    if scaled.size % 2:
+      scaled = np.concatenate([scaled, np.zeros((1,), np.float32)])
+    q = _nearest(code, scaled)
+    packed[f0 // 2:f0 // 2 + q.size // 2] = (q[0::2] << 4) | q[1::2]
+    absmax[b0:b0 + am.size] = am
+  return packed, absmax
 
 
 def _quantize_layer(w: np.ndarray, qtype: str, n_in: int, block_size: int,
                     double_quant: bool) -> dict[str, np.ndarray]:
-  w32 = np.asarray(w, np.float32)  # exact for bf16 / f16 inputs
+  n_rows = math.prod(w.shape[:n_in])
+  w2 = w.reshape(n_rows, -1)
   if qtype == "int8":
-    n_out = math.prod(w.shape[n_in:])
-    w2 = w32.reshape(-1, n_out)
+    w2 = w2.astype(np.float32)  # exact for bf16 / f16 inputs
     stats = np.abs(w2).max(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
       q = np.round(w2 * (np.float32(127.0) / stats)[None, :])
     q = np.where(stats[None, :] > 0, q, 0).astype(np.int8)
     return {"packed": q.reshape(w.shape), "absmax": stats.astype(np.float32)}
-  packed, absmax = _quantize_4bit(_torch_order(w32, n_in), _CODES[qtype], block_size)
+  packed, absmax = _quantize_4bit_rows(w2, _CODES[qtype], block_size)
   out = {"packed": packed, "absmax": absmax, "quant_map": _CODES[qtype].copy()}
   if double_quant:
     # The mean in float64, rounded once. bitsandbytes takes torch's float32 mean, whose
@@ -381,7 +404,12 @@ def _absmax(q: QuantizedArray) -> jax.Array:
   vals = jnp.take_along_axis(table, codes.astype(jnp.int32), axis=-1)
   nested = jnp.asarray(q.nested_absmax, jnp.float32)
   scale = jnp.repeat(nested, NESTED_BLOCK_SIZE, axis=-1)[..., :n_blocks]
-  return vals * scale + jnp.asarray(q.offset, jnp.float32)[..., None]
+  # bitsandbytes rounds the product before adding the offset. XLA would contract the two into
+  # one fused multiply-add (another last bit); a select on the product (NaN kept as NaN) stops
+  # that where an optimization barrier does not. It acts on the block maxima, 1/64 of the values.
+  prod = vals * scale
+  prod = jnp.where(prod == prod, prod, jnp.nan)
+  return prod + jnp.asarray(q.offset, jnp.float32)[..., None]
 
 
 def dequantize_array(q: QuantizedArray) -> jax.Array:

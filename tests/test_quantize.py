@@ -297,3 +297,17 @@ def test_bad_input_errors():
   v = EinsumNet().init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="(per_head|interleaved)/kernel.*exclude"):
     jaxlora.quantize(v, "nf4", layout=jaxlora.layout(EinsumNet().apply, v, x), targets=".*")
+
+
+def test_chunked_host_quantization_and_jitted_dequantization_are_exact(monkeypatch):
+  rng = np.random.default_rng(4)
+  for shape in [(70, 40), (129, 33), (256, 96)]:
+    w = rng.standard_normal(shape).astype(np.float32)
+    whole = Q.quantize_array(w, "nf4")
+    monkeypatch.setattr(Q, "_CHUNK_VALUES", 100)  # many chunks of a few output rows
+    parts = Q.quantize_array(w, "nf4")
+    monkeypatch.undo()
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(parts)):
+      np.testing.assert_array_equal(a, b)
+    # Under jit XLA must not fuse the double-quantization multiply-add (bitsandbytes rounds twice).
+    np.testing.assert_array_equal(jax.jit(Q.dequantize_array)(whole), Q.dequantize_array(whole))

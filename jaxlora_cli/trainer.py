@@ -154,11 +154,6 @@ def make_train_step(model, tx, dropout: float, shardings=None):
   if shardings is None:
     return jax.jit(step)
   t_sh, o_sh, f_sh, b_sh, rep = shardings
-  if jaxlora.quantization.records(f_sh):
-    # The frozen half is placed on f_sh already; a QuantizedArray of shardings cannot go into
-    # in_shardings (jit rebuilds it with None leaves for its layouts, which the record's
-    # flatten drops), so jit takes the arguments' own shardings.
-    f_sh = None
   return jax.jit(step, in_shardings=(t_sh, o_sh, f_sh, b_sh, rep),
                  out_shardings=(t_sh, o_sh, rep))
 

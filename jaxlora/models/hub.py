@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -414,7 +415,14 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
     shard_map = {tuple(k.key for k in kp): s for kp, s in jax.tree_util.tree_flatten_with_path(
         _tree.get_params(shardings), is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}
   loaded = {}
-  for kp, leaf in flat:
+  # Largest pieces first: the peak of host memory is the params loaded so far plus the piece
+  # in flight, so the big float tensors (embeddings, head) go while little is resident; a
+  # scanned kernel is read (and quantized) one layer at a time.
+  def in_flight(item):
+    path_t, shape = tuple(k.key for k in item[0]), item[1].shape
+    return math.prod(shape[1:] if path_t[0] == scan and path_t[-1] == "kernel" else shape)
+
+  for kp, leaf in sorted(flat, key=lambda item: -in_flight(item)):
     path_t = tuple(k.key for k in kp)
     loaded[path_t] = load(path_t, leaf)
   extra = sorted(k for k in weights if k not in used and not _IGNORED.search(k)

@@ -20,3 +20,17 @@ def ram_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
   except (ValueError, OSError, AttributeError):
     return float("nan")
+
+
+def alternate(timers: dict, reps: int, log=print) -> dict:
+  """Calls each timer `reps` times, rotating the order every round so that no variant always
+  runs after the same one; returns ``{name: [seconds, ...]}`` (each timer returns seconds)."""
+  times = {k: [] for k in timers}
+  order = list(timers)
+  for rep in range(reps):
+    rot = order[rep % len(order):] + order[:rep % len(order)]
+    for k in rot:
+      times[k].append(timers[k]())
+    log(f"  rep {rep + 1}/{reps}: " + " ".join(f"{k}={times[k][-1]:.3f}" for k in order),
+        flush=True)
+  return times

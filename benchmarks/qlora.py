@@ -13,15 +13,20 @@ One invocation measures, side by side:
                half passed to the jitted step as an argument) on the same small Llama-shaped
                model with an f32 base, a bf16 base, an NF4 base computing in bf16 and an NF4
                base computing in f32; variants alternate over `--reps` rounds, medians
-               reported. Beside it, the time of dequantizing every kernel once (jitted), which
-               bounds what the NF4 forward and backward spend on dequantization.
+               reported. Beside it, the time of dequantizing every kernel once (jitted): a
+               step dequantizes twice (forward, and again in the backward, which
+               `jax.checkpoint` makes recompute the kernel instead of keeping it).
   4. quality   the `jaxlora demo` task (ROT13 of unseen 5-letter words) trained through
                `jaxlora_cli.trainer.train` on the demo's float base and on the same base with
-               `model.quantize=nf4`: same steps, seed and batches; exact match of each.
+               `model.quantize=nf4`: same steps, seed and batches; exact match of each, for
+               each of `--seeds` (word split and init) and their mean. One seed is not
+               enough: seed-to-seed differences reach several points either way.
 
 Usage:
-  python benchmarks/qlora.py                        # everything (~10 min on a 2-core CPU)
-  python benchmarks/qlora.py --smoke                # seconds: tiny shapes, no rss/quality
+  python benchmarks/qlora.py                        # everything (~15 min on a busy 2-core CPU)
+  python benchmarks/qlora.py --seeds 0              # one seed for quality (~7 min)
+  python benchmarks/qlora.py --smoke                # tiny shapes, f32/NF4 steps only, no rss or
+                                                    # quality: for CI (its time is 2 compiles)
   python benchmarks/qlora.py --skip-rss --out qlora.json
 """
 
@@ -176,14 +181,15 @@ def build_steps(args):
   base = jaxlora.models.init(f32_model, jax.random.key(0))
   bf16 = jax.tree.map(lambda v: v.astype(jnp.bfloat16), base)
   setups = {
-      "f32": (jnp.float32, base),
-      "bf16": (jnp.bfloat16, bf16),
-      "nf4": (jnp.bfloat16, jaxlora.quantize(bf16, "nf4", layout=f32_model)),
-      "nf4-f32": (jnp.float32, jaxlora.quantize(base, "nf4", layout=f32_model)),
+      "f32": lambda: (jnp.float32, base),
+      "bf16": lambda: (jnp.bfloat16, bf16),
+      "nf4": lambda: (jnp.bfloat16, jaxlora.quantize(bf16, "nf4", layout=f32_model)),
+      "nf4-f32": lambda: (jnp.float32, jaxlora.quantize(base, "nf4", layout=f32_model)),
   }
   tx = optax.adamw(1e-4)
   runners, dequant = {}, {}
-  for name, (dtype, params) in setups.items():
+  for name in args.variants:
+    dtype, params = setups[name]()
     model = jaxlora.models.Decoder(cfg, dtype=dtype, param_dtype=dtype)
     tree = jaxlora.wrap(params, rank=16, targets="all-linear", layout=model,
                         key=jax.random.key(1))
@@ -245,21 +251,16 @@ def step_time(args) -> dict:
   timers.update({f"dequant-{k}": dq_timer(fn, p) for k, (fn, p) in dequant.items()})
   for t in timers.values():
     t()
-  times = {k: [] for k in timers}
-  order = list(timers)
-  for rep in range(args.reps):
-    rot = order[rep % len(order):] + order[:rep % len(order)]
-    for k in rot:
-      times[k].append(timers[k]())
-    print(f"  rep {rep + 1}/{args.reps}: " +
-          " ".join(f"{k}={times[k][-1]:.3f}" for k in order), flush=True)
+  times = machine.alternate(timers, args.reps)
   med = {k: statistics.median(v) for k, v in times.items()}
   first = {k: r.losses[0] for k, r in runners.items()}
   return {"median_s": med, "min_s": {k: min(v) for k, v in times.items()},
           "compile_s": compile_s, "samples_s": times, "first_loss": first,
           "model": list(args.step_model), "batch": args.batch, "seq": args.seq,
-          "params": n_params, "nf4_over_bf16": med["nf4"] / med["bf16"],
-          "nf4_f32_over_f32": med["nf4-f32"] / med["f32"]}
+          "params": n_params,
+          "nf4_over_bf16": med["nf4"] / med["bf16"] if "bf16" in med and "nf4" in med else None,
+          "nf4_f32_over_f32": (med["nf4-f32"] / med["f32"] if "f32" in med and "nf4-f32" in med
+                               else None)}
 
 
 # ----------------------------------------------------------------------------- 4. quality
@@ -286,15 +287,13 @@ def quality(args) -> dict:
       r = trainer.train(cfg, progress=False, log=lambda s: None)
       seconds = time.time() - t0
       model, params = trainer.load_model(cfg)
-      acc_base, _ = demo.exact_match(model, _zero_adapter(model, params), tok, eval_words)
       tree = jaxlora.load(os.path.join(cfg.output_dir, "adapter"), params)
       acc, _ = demo.exact_match(model, tree, tok, eval_words)
-      runs[name] = {"exact_match": acc, "exact_match_base": acc_base,
+      runs[name] = {"exact_match": acc,
                     "eval_loss_before": r["eval_loss_before"],
                     "eval_loss_after": r["eval_loss_after"], "base_bytes": r["base_bytes"],
                     "train_s": seconds}
-      print(f"  seed {seed} {name:5s} exact match {100 * acc:5.1f}% (base {100 * acc_base:.1f}%), "
-            f"eval loss {r['eval_loss_before']:.3f} -> {r['eval_loss_after']:.3f}, {seconds:.0f} s",
+      print(f"  seed {seed} {name:5s} exact match {100 * acc:5.1f}%, eval loss {r['eval_loss_before']:.3f} -> {r['eval_loss_after']:.3f}, {seconds:.0f} s",
             flush=True)
   for name in ("float", "nf4"):
     res[name] = {k: statistics.mean(res["runs"][s][name][k] for s in args.seeds)
@@ -304,12 +303,6 @@ def quality(args) -> dict:
       100 * (res["runs"][s]["nf4"]["exact_match"] - res["runs"][s]["float"]["exact_match"])
       for s in args.seeds]
   return res
-
-
-def _zero_adapter(model, params):
-  """The base's function through `jaxlora.apply` (B = 0), which also runs a quantized base."""
-  return jaxlora.wrap(params, rank=1, targets="all-linear", layout=model, key=jax.random.key(0),
-                      init="gaussian") if jaxlora.quantization.records(params) else params
 
 
 # ----------------------------------------------------------------------------- main
@@ -322,6 +315,8 @@ def main():
   ap.add_argument("--skip-quality", action="store_true", help="leave out the demo-task runs")
   ap.add_argument("--skip-step", action="store_true", help="leave out the step-time runs")
   ap.add_argument("--reps", type=int, default=7, help="timed rounds per step variant")
+  ap.add_argument("--variants", nargs="+", choices=STEP_VARIANTS, default=list(STEP_VARIANTS),
+                  help="step-time variants")
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--step-model", type=int, nargs=6, default=[8192, 512, 4, 8, 8, 1376],
@@ -330,12 +325,13 @@ def main():
                   metavar=("VOCAB", "HIDDEN", "LAYERS", "HEADS", "KV_HEADS", "MLP"))
   ap.add_argument("--quality-steps", type=int, default=800)
   ap.add_argument("--quality-dir", default=os.path.join(tempfile.gettempdir(), "qlora_quality"))
-  ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+  ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                   help="demo-task seeds (word split and init); means are reported")
   ap.add_argument("--out", help="write the results as JSON here")
   args = ap.parse_args()
   if args.smoke:
     args.reps, args.batch, args.seq = 2, 2, 32
+    args.variants = ["f32", "nf4-f32"]  # each variant is a compile (the bulk of a smoke run)
     args.step_model = args.storage_model = [512, 64, 2, 4, 4, 128]
     args.skip_quality = True
     args.skip_rss = True
@@ -366,6 +362,9 @@ def main():
   print(f"| Llama-2-7B shape, base in NF4 (embeddings, head, norms bf16) "
         f"| {s['llama2_7b_nf4_bytes'] / gb:.3f} GB ({s['llama2_7b_nf4_bytes'] / 2**30:.2f} GiB) "
         "| <= 4.0 GB |")
+  same = "equal" if s["llama2_7b_nf4_bytes_by_hand"] == s["llama2_7b_nf4_bytes"] else "DIFFERENT"
+  print(f"| same, counted by hand from the record layout "
+        f"| {s['llama2_7b_nf4_bytes_by_hand'] / gb:.3f} GB ({same}) | |")
   print(f"| Llama-2-7B shape, base in bf16 | {s['llama2_7b_bf16_bytes'] / gb:.3f} GB | |")
   print(f"| NF4 / bf16 base bytes | {s['llama2_7b_nf4_bytes'] / s['llama2_7b_bf16_bytes']:.3f} "
         "| |")
@@ -380,14 +379,17 @@ def main():
   else:
     print("| loading peak RSS | not measured | |")
   med = st["median_s"] if st else {}
-  for k in STEP_VARIANTS if st else ():
+  for k in args.variants if st else ():
     print(f"| LoRA step, {STEP_NAMES[k]} | {med[k]:.3f} s (min {st['min_s'][k]:.3f}, compile "
           f"{st['compile_s'][k]:.1f} s) | |")
   if st:
     for k in ("nf4", "nf4-f32"):
-      print(f"| dequantize all kernels once, {STEP_NAMES[k]} | {med['dequant-' + k]:.3f} s | |")
-    print(f"| step time NF4 / bf16 | {st['nf4_over_bf16']:.2f}x | <= 1.5x |")
-    print(f"| step time NF4 (f32 compute) / f32 | {st['nf4_f32_over_f32']:.2f}x | |")
+      if "dequant-" + k in med:
+        print(f"| dequantize all kernels once, {STEP_NAMES[k]} | {med['dequant-' + k]:.3f} s | |")
+    if st["nf4_over_bf16"] is not None:
+      print(f"| step time NF4 / bf16 | {st['nf4_over_bf16']:.2f}x | <= 1.5x |")
+    if st["nf4_f32_over_f32"] is not None:
+      print(f"| step time NF4 (f32 compute) / f32 | {st['nf4_f32_over_f32']:.2f}x | |")
   else:
     print("| step time | not measured | |")
   if q is not None:

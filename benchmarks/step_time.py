@@ -318,15 +318,7 @@ def main():
     t()  # warm
     print(f"  {k:10s} first two calls {time.perf_counter() - t0:6.1f} s", flush=True)
 
-  times = {k: [] for k in timers}
-  order = list(timers)
-  for rep in range(args.reps):
-    # Rotate the order each repetition so no variant always runs after the same one.
-    rot = order[rep % len(order):] + order[:rep % len(order)]
-    for k in rot:
-      times[k].append(timers[k]())
-    print(f"  rep {rep + 1}/{args.reps}: " +
-          " ".join(f"{k}={times[k][-1]:.3f}" for k in order), flush=True)
+  times = machine.alternate(timers, args.reps)
   med = {k: statistics.median(v) for k, v in times.items()}
   low = {k: min(v) for k, v in times.items()}  # least disturbed by other load
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jaxlora import _tree
 from jaxlora import forward
+from jaxlora import quantization
 from jaxlora.models.decoder import Decoder, init_cache
 
 
@@ -116,4 +117,5 @@ def generate(model: Decoder, params: Any, input_ids: Any, *, attention_mask: Any
   return _generate(model, p, input_ids, mask, key if key is not None else jax.random.key(0),
                    max_new_tokens=max_new_tokens, temperature=float(temperature),
                    top_p=float(top_p), eos=eos, pad=int(pad_token_id),
-                   lora=bool(_tree.adapter_modules(p)))
+                   # quantized layers are computed by jaxlora.apply too
+                   lora=bool(_tree.adapter_modules(p) or quantization.records(p)))

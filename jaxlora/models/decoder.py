@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxlora import _tree
 from jaxlora import kernel_layout
+from jaxlora.models import attention as attention_lib
 from jaxlora.models.config import ModelConfig
 
 Array = jax.Array
@@ -28,6 +29,10 @@ REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # As dots_no_batch, but the saved matmul outputs wait in pinned host memory for the
+    # backward pass (device memory of `full`, fewer recomputed FLOPs; costs host transfers).
+    "offload_dots_no_batch": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        "device", "pinned_host"),
 }
 
 
@@ -89,11 +94,12 @@ class Attention(nn.Module):
   config: ModelConfig
   dtype: Any
   param_dtype: Any
+  implementation: str = "xla"  # concrete, from attention.plan
 
   @nn.compact
   def __call__(self, h, ctx, layer_cache):
     cfg = self.config
-    mask, cos, sin, index = ctx
+    attn, cos, sin, index = ctx
     b, t, _ = h.shape
     n, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     if cfg.is_gpt2:
@@ -118,7 +124,8 @@ class Attention(nn.Module):
       cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
       new_cache = (ck, cv)
       k, v = ck.astype(self.dtype), cv.astype(self.dtype)
-    o = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(hd))
+    o = attention_lib.attend(q, k, v, attn, implementation=self.implementation,
+                             scale=1.0 / math.sqrt(hd), window=cfg.sliding_window)
     o = o.reshape(b, t, n * hd)
     if cfg.is_gpt2:
       return _dense(self, cfg.hidden_size, ("heads", "embed"), "c_proj", True)(o), new_cache
@@ -149,6 +156,7 @@ class Block(nn.Module):
   config: ModelConfig
   dtype: Any
   param_dtype: Any
+  implementation: str = "xla"
 
   def _norm(self, name):
     cfg = self.config
@@ -161,7 +169,7 @@ class Block(nn.Module):
   def __call__(self, x, ctx, layer_cache):
     gpt2 = self.config.is_gpt2
     h = self._norm("ln_1" if gpt2 else "input_layernorm")(x)
-    o, new_cache = Attention(self.config, self.dtype, self.param_dtype,
+    o, new_cache = Attention(self.config, self.dtype, self.param_dtype, self.implementation,
                              name="attn" if gpt2 else "self_attn")(h, ctx, layer_cache)
     x = x + o
     h = self._norm("ln_2" if gpt2 else "post_attention_layernorm")(x)
@@ -178,12 +186,15 @@ class Decoder(nn.Module):
     remat: None, or a rematerialisation policy name: 'full', 'dots', 'dots_no_batch'.
     scan_unroll: layers per iteration of the `nn.scan` loop (`num_hidden_layers` unrolls it
       fully). The params keep their stacked layout either way.
+    attention: the attention implementation (`jaxlora.models.attention`): 'auto' (cuDNN
+      on NVIDIA GPUs, splash on TPU, XLA elsewhere), 'xla', 'cudnn', 'splash' or 'flash'.
   """
   config: ModelConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: str | None = None
   scan_unroll: int = 1
+  attention: str = "auto"
 
   def lora_layout(self, params) -> kernel_layout.Layout:
     """The kernel layout of this model, so that ``jaxlora.wrap(..., layout=model)`` works."""
@@ -209,36 +220,49 @@ class Decoder(nn.Module):
     """
     cfg = self.config
     b, t = input_ids.shape
+    chosen = attention_lib.plan(self.attention, packed=segment_ids is not None,
+                                cache=cache is not None, window=cfg.sliding_window,
+                                dtype=self.dtype, head_dim=cfg.head_dim)
+    attention_lib.log_fallback(self.attention, chosen)
+    impl = chosen.implementation
     valid = (jnp.ones((b, t), bool) if attention_mask is None
              else jnp.asarray(attention_mask).astype(bool))
-    same_segment = None
+    seg = None
     if segment_ids is not None:
       seg = _check_segments(segment_ids, (b, t), cache)
       valid = valid & (seg > 0)
-      same_segment = seg[:, None, :, None] == seg[:, None, None, :]
       if position_ids is None:
         position_ids = _segment_positions(seg)
+    restore = None  # the inverse permutation of the cuDNN path's compaction
     if cache is None:
       index = jnp.zeros((), jnp.int32)
-      key_valid = valid
-      q_slot = jnp.arange(t)
-      k_slot = jnp.arange(t)
       if position_ids is None:
         position_ids = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+      padded = attention_mask is not None or seg is not None
+      if impl == "xla":
+        attn = {"mask": attention_lib.xla_mask(jnp.arange(t), jnp.arange(t), valid,
+                                               cfg.sliding_window, seg)}
+      elif impl.startswith("cudnn"):
+        attn = {}
+        if padded:  # real tokens first in every row, so that lengths describe the padding
+          perm, restore, lengths = attention_lib.compact(valid)
+          input_ids = attention_lib.gather_rows(jnp.asarray(input_ids), perm)
+          position_ids = attention_lib.gather_rows(jnp.asarray(position_ids), perm)
+          attn = {"lengths": lengths}
+      else:  # splash / flash: padding is segment 0
+        attn = {}
+        if padded:
+          attn = {"segment_ids": jnp.where(valid, 1 if seg is None else seg, 0)
+                                 .astype(jnp.int32)}
     else:
       index = cache["index"]
       key_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
-      q_slot = index + jnp.arange(t)
-      k_slot = jnp.arange(key_valid.shape[1])
       if position_ids is None:  # continue each row from its last real token
         position_ids = cache["next_position"][:, None] + jnp.maximum(
             jnp.cumsum(valid, axis=-1) - 1, 0)
-    allowed = k_slot[None, :] <= q_slot[:, None]
-    if cfg.sliding_window is not None:
-      allowed &= q_slot[:, None] - k_slot[None, :] < cfg.sliding_window
-    mask = allowed[None, None, :, :] & key_valid[:, None, None, :]
-    if same_segment is not None:
-      mask = mask & same_segment
+      attn = {"mask": attention_lib.xla_mask(index + jnp.arange(t),
+                                             jnp.arange(key_valid.shape[1]), key_valid,
+                                             cfg.sliding_window)}
 
     embed_name = "wte" if cfg.is_gpt2 else "embed_tokens"
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
@@ -267,8 +291,11 @@ class Decoder(nn.Module):
                     unroll=self.scan_unroll,
                     metadata_params={nn.PARTITION_NAME: "layers"})
     layer_cache = None if cache is None else (cache["k"], cache["v"])
-    x, new_kv = stack(cfg, self.dtype, self.param_dtype, name="h" if cfg.is_gpt2 else "layers")(
-        x, (mask, cos, sin, index), layer_cache)
+    x, new_kv = stack(cfg, self.dtype, self.param_dtype, impl,
+                      name="h" if cfg.is_gpt2 else "layers")(x, (attn, cos, sin, index),
+                                                             layer_cache)
+    if restore is not None:
+      x = attention_lib.gather_rows(x, restore)
 
     if cfg.is_gpt2:
       x = nn.LayerNorm(cfg.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,

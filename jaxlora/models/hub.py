@@ -142,7 +142,8 @@ def _stored_qtype(hf: Mapping, source: str, qtype: str | None) -> str | None:
 
 def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                     remat: str | None = None, shardings: Any = None, quantize: str | None = None,
-                    block_size: int = 64, double_quant: bool = True) -> tuple[Decoder, dict]:
+                    block_size: int = 64, double_quant: bool = True,
+                    attention: str = "auto") -> tuple[Decoder, dict]:
   """Loads a Hugging Face GPT-2 or Llama-family checkpoint from a local directory.
 
   Reads `config.json` and `model.safetensors` (or a sharded
@@ -171,6 +172,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
     param_dtype: dtype the params are stored in (and that quantized kernels
       of a float checkpoint dequantize to).
     remat: rematerialisation policy of the layers (see `Decoder`).
+    attention: attention implementation (see `Decoder`).
     shardings: optional tree of shardings like the (float) params (e.g. from
       `jaxlora.sharding.param_shardings`), or a function of the model that returns
       one: each tensor is placed straight into its shards, so no device ever
@@ -226,7 +228,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
   cfg = ModelConfig.from_hf({k: v for k, v in hf.items() if k != "quantization_config"},
                             source=source)
   weights = _open_weights(path)
-  model = Decoder(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
+  model = Decoder(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
   abstract = _abstract_params(model)
   prefix = "transformer." if any(k.startswith("transformer.") for k in weights) else ""
   used: set[str] = set()

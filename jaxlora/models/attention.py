@@ -200,19 +200,51 @@ def attend(q: Array, k: Array, v: Array, ctx: dict, *, implementation: str, scal
   if implementation == "xla":
     return jax.nn.dot_product_attention(q, k, v, mask=ctx["mask"], scale=scale)
   interpret = implementation.endswith("-interpret")
-  if implementation.startswith("cudnn"):
+  if implementation.startswith("cudnn"):  # jax partitions the cuDNN call itself
     lengths = ctx.get("lengths")
     return jax.nn.dot_product_attention(
         q, k, v, scale=scale, is_causal=True, query_seq_lengths=lengths,
         key_value_seq_lengths=lengths, implementation="xla" if interpret else "cudnn",
         local_window_size=None if window is None else (window - 1, 0))
+  seg = ctx.get("segment_ids")
+  if seg is None:
+    seg = jnp.ones(q.shape[:2], jnp.int32)
   if implementation.startswith("splash"):
-    return _splash(q, k, v, ctx.get("segment_ids"), scale, window, interpret)
-  if implementation.startswith("flash"):
+    kernel = lambda q, k, v, s: _splash(q, k, v, s, scale, window, interpret)
+  elif implementation.startswith("flash"):
     if window is not None:
       raise ValueError("the Pallas flash kernel has no sliding window; use plan() to choose.")
-    return _flash(q, k, v, ctx.get("segment_ids"), scale, interpret)
-  raise ValueError(f"unknown attention implementation {implementation!r}.")
+    kernel = lambda q, k, v, s: _flash(q, k, v, s, scale, interpret)
+  else:
+    raise ValueError(f"unknown attention implementation {implementation!r}.")
+  return _per_shard(kernel, q, k, v, seg)
+
+
+def _per_shard(kernel, q, k, v, seg):
+  """Runs a Pallas kernel on each device's rows and heads under the current mesh.
+
+  XLA cannot partition a Pallas call: under `jax.jit` with sharded inputs it
+  would gather the whole batch onto every device. Inside ``jax.set_mesh(mesh)``
+  the kernel runs under `jax.shard_map` instead, split over the batch axes
+  (``data``, ``fsdp``) and, when the key/value heads divide evenly, ``tensor``.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return kernel(q, k, v, seg)
+  size = lambda names: math.prod(mesh.shape[a] for a in names)
+  batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+  if q.shape[0] % size(batch):
+    batch = ()
+  heads = ("tensor",) if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 \
+      and k.shape[2] % mesh.shape["tensor"] == 0 else ()
+  if not batch and not heads:
+    return kernel(q, k, v, seg)
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+  rows = batch or None
+  qkv = P(rows, None, heads or None, None)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows, None)),
+                       out_specs=qkv, check_vma=False)(q, k, v, seg)
 
 
 def _pad_seq(t: int, lanes: bool = False) -> tuple[int, int]:
@@ -227,8 +259,6 @@ def _pad_seq(t: int, lanes: bool = False) -> tuple[int, int]:
 
 def _pad_inputs(q, k, v, seg, n):
   t = q.shape[1]
-  if seg is None:
-    seg = jnp.ones(q.shape[:2], jnp.int32)
   if n == t:
     return q, k, v, seg.astype(jnp.int32)
   widths = ((0, 0), (0, n - t), (0, 0), (0, 0))

@@ -24,6 +24,7 @@ class ModelConfig:
   quantize: Union[str, None] = None  # None (float base), 'nf4', 'fp4', 'int8' (QLoRA)
   quant_block_size: int = 64
   double_quant: bool = True
+  attention: str = "auto"   # auto | xla | cudnn | splash | flash
 
 
 @dataclasses.dataclass
@@ -52,6 +53,7 @@ class DataConfig:
   truncate: bool = False            # cut over-long examples instead of failing
   eval_fraction: float = 0.0        # held out from train_file when no eval_file is given
   seed: int = 0
+  packing: bool = False             # pack several examples per training row (segment_ids)
 
 
 @dataclasses.dataclass
@@ -70,6 +72,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   log_every: int = 10
   seed: int = 0
+  loss_chunk_size: int = 512        # 0: the loss from the full (batch, seq, vocab) logits
 
 
 @dataclasses.dataclass
@@ -107,6 +110,7 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": (None, "full", "dots", "dots_no_batch"),
     "model.quantize": (None, "none", "nf4", "fp4", "int8"),
+    "model.attention": ("auto", "xla", "cudnn", "splash", "flash"),
     "lora.init": ("kaiming", "gaussian"),
     "data.format": ("text", "prompt_completion", "chat"),
     "mesh.rules": ("fsdp", "fsdp_tp"),
@@ -226,6 +230,9 @@ def validate(cfg: Config) -> None:
                       f"{cfg.data.eval_fraction}")
   if cfg.train.lr <= 0:
     raise ConfigError(f"config key 'train.lr' must be positive, got {cfg.train.lr}")
+  if cfg.train.loss_chunk_size < 0:
+    raise ConfigError(f"config key 'train.loss_chunk_size' must be positive, or 0 for the "
+                      f"full-logits loss, got {cfg.train.loss_chunk_size}")
 
 
 def dump(cfg: Config) -> str:
@@ -242,6 +249,9 @@ DOCS = {
                       "adapters stay float32, embeddings, norms and the output head stay float",
     "model.quant_block_size": "values per 4-bit block (nf4/fp4; bitsandbytes' default 64)",
     "model.double_quant": "quantize the 4-bit block maxima again (QLoRA's double quantization)",
+    "model.attention": "attention implementation: auto (cuDNN on NVIDIA GPUs, splash on TPU, "
+                       "XLA elsewhere), xla, cudnn, splash or flash; an explicit choice the "
+                       "platform cannot run is an error",
     "lora.rank": "LoRA rank r",
     "lora.alpha": "LoRA alpha (scale alpha/r); default: rank",
     "lora.targets": "regex over module paths, a preset (all-linear, attention, mlp) or a list",
@@ -263,6 +273,9 @@ DOCS = {
     "data.truncate": "cut over-long examples instead of stopping with an error",
     "data.eval_fraction": "share of train_file held out for evaluation when no eval_file",
     "data.seed": "shuffling seed",
+    "data.packing": "pack several examples into each training row of data.max_length "
+                    "(first-fit in shuffled order; examples attend only within themselves and "
+                    "the loss never crosses them); evaluation stays one example per row",
     "train.steps": "optimizer steps (raise it and rerun to continue a finished run)",
     "train.batch_size": "examples per micro-batch",
     "train.grad_accum": "micro-batches per optimizer step",
@@ -277,6 +290,9 @@ DOCS = {
     "train.keep_checkpoints": "how many recent checkpoints to keep",
     "train.log_every": "write metrics every N steps",
     "train.seed": "seed for the adapter init and dropout",
+    "train.loss_chunk_size": "sequence positions per chunk of the output head and loss, so the "
+                             "full float32 logits never exist (the same loss); 0: full logits. "
+                             "An adapter on the head gets no LoRA dropout when chunked",
     "mesh.data": "data-parallel mesh size (params replicated)",
     "mesh.fsdp": "FSDP mesh size (params and batch sharded); -1: all remaining devices",
     "mesh.tensor": "tensor-parallel mesh size",

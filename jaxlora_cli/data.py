@@ -1,10 +1,15 @@
 """Data from local files: plain text, prompt/completion pairs and chat messages.
 
-Examples are padded to length buckets (powers of two up to `max_length`), not
-packed: every row keeps its own attention and positions, so nothing leaks
-between documents and no per-segment masks are needed, and the number of
-compiled shapes stays small (one per bucket). The cost is the compute spent on
-padding, which bucketing keeps under 2x.
+By default examples are padded to length buckets (powers of two up to
+`max_length`), one per row: every row keeps its own attention and positions,
+and the number of compiled shapes stays small (one per bucket). The cost is the
+compute spent on padding, which bucketing keeps under 2x.
+
+With `data.packing`, training rows hold several examples each (greedy first-fit
+in the shuffled order), marked by `segment_ids`: the model attends only within
+a segment and restarts positions there, and the loss never predicts across a
+segment boundary, so each example trains as if it were alone. Evaluation
+batches stay one example per row.
 """
 
 from __future__ import annotations
@@ -143,16 +148,19 @@ class Batcher:
 
   The order of each epoch is a permutation drawn from ``(seed, epoch)``; the
   position (`state`) is saved in checkpoints so that a resumed run sees exactly
-  the batches the uninterrupted run would have seen.
+  the batches the uninterrupted run would have seen. With ``packing``, each
+  row holds as many examples as fit in ``max_length`` (see `pack`) and batches
+  gain ``segment_ids``.
   """
 
   def __init__(self, examples: list[Example], batch_size: int, max_length: int, seed: int,
-               pad_id: int, state: dict | None = None):
+               pad_id: int, state: dict | None = None, *, packing: bool = False):
     self.examples = examples
     self.batch_size = batch_size
     self.max_length = max_length
     self.seed = seed
     self.pad_id = pad_id
+    self.packing = packing
     self.state = dict(state or {"epoch": 0, "index": 0})
     self._order = None
     self._order_epoch = None
@@ -163,18 +171,46 @@ class Batcher:
       self._order_epoch = epoch
     return self._order
 
+  def _peek(self) -> Example:
+    """The example at the current position, without moving past it."""
+    return self.examples[self._perm(self.state["epoch"])[self.state["index"]]]
+
+  def _advance(self) -> None:
+    i = self.state["index"] + 1
+    if i == len(self.examples):
+      self.state = {"epoch": self.state["epoch"] + 1, "index": 0}
+    else:
+      self.state = {"epoch": self.state["epoch"], "index": i}
+
   def take(self, n: int) -> list[Example]:
     out = []
-    while len(out) < n:
-      perm = self._perm(self.state["epoch"])
-      i = self.state["index"]
-      out.append(self.examples[perm[i]])
-      i += 1
-      if i == len(perm):
-        self.state = {"epoch": self.state["epoch"] + 1, "index": 0}
-      else:
-        self.state = {"epoch": self.state["epoch"], "index": i}
+    for _ in range(n):
+      out.append(self._peek())
+      self._advance()
     return out
+
+  def pack(self) -> list[list[Example]]:
+    """One packed micro-batch: `batch_size` rows, each a list of examples.
+
+    Examples are taken in order and each goes into the first row with room
+    for it. The first example that fits in no row is left in place (not
+    consumed): it starts the next micro-batch. So the position stays a plain
+    (epoch, index) and a resumed run packs exactly the same rows.
+    """
+    rows: list[list[Example]] = [[] for _ in range(self.batch_size)]
+    room = [self.max_length] * self.batch_size
+    while True:
+      e = self._peek()
+      n = len(e.ids)
+      if n > self.max_length:  # tokenize() never makes these; an empty row must always fit
+        raise ConfigError(f"an example of {n} tokens is longer than data.max_length="
+                          f"{self.max_length}; tokenize with the same data.max_length")
+      r = next((r for r in range(self.batch_size) if room[r] >= n), None)
+      if r is None:
+        return rows
+      rows[r].append(e)
+      room[r] -= n
+      self._advance()
 
   def next(self, accum: int = 1, rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """``accum`` micro-batches stacked: arrays of shape (accum, batch, length).
@@ -182,32 +218,56 @@ class Batcher:
     With ``rows=(lo, hi)`` only rows lo..hi-1 of each micro-batch are
     collated (one process's part of a global batch), padded to the global
     batch's length so that the processes' parts form one global array. Every
-    process walks the same order, so `state` is the same everywhere.
+    process walks the same order (and packs the same global micro-batches),
+    so `state` is the same everywhere.
     """
-    examples = self.take(accum * self.batch_size)
-    length = bucket(max(len(e.ids) for e in examples), self.max_length)
+    if self.packing:
+      packed = [row for _ in range(accum) for row in self.pack()]
+    else:
+      packed = [[e] for e in self.take(accum * self.batch_size)]
+    length = bucket(max(sum(len(e.ids) for e in row) for row in packed), self.max_length)
     if rows is not None:
       lo, hi = rows
       b = self.batch_size
-      examples = [examples[m * b + j] for m in range(accum) for j in range(lo, hi)]
-    return collate(examples, accum, self.max_length, self.pad_id, length)
+      packed = [packed[m * b + j] for m in range(accum) for j in range(lo, hi)]
+    return _collate_rows(packed, accum, self.pad_id, length, segments=self.packing)
 
 
 def collate(examples: list[Example], accum: int, max_length: int, pad_id: int,
             length: int | None = None) -> dict:
+  """One example per row, right-padded to `length` (default: its bucket)."""
   if length is None:
     length = bucket(max(len(e.ids) for e in examples), max_length)
-  n = len(examples)
+  return _collate_rows([[e] for e in examples], accum, pad_id, length, segments=False)
+
+
+def _collate_rows(rows: list[list[Example]], accum: int, pad_id: int, length: int,
+                  segments: bool) -> dict:
+  """Rows of examples laid end to end and right-padded: arrays (accum, rows // accum, length).
+
+  With `segments`, the batch also holds `segment_ids`: 1, 2, ... for the
+  examples of a row in order, 0 on padding.
+  """
+  n = len(rows)
   ids = np.full((n, length), pad_id, np.int32)
   mask = np.zeros((n, length), np.int32)
   targets = np.zeros((n, length), np.float32)
-  for k, e in enumerate(examples):
-    ids[k, :len(e.ids)] = e.ids
-    mask[k, :len(e.ids)] = 1
-    targets[k, :len(e.ids)] = e.targets
+  seg = np.zeros((n, length), np.int32)
+  for k, row in enumerate(rows):
+    start = 0
+    for s, e in enumerate(row, start=1):
+      end = start + len(e.ids)
+      ids[k, start:end] = e.ids
+      mask[k, start:end] = 1
+      targets[k, start:end] = e.targets
+      seg[k, start:end] = s
+      start = end
   shape = (accum, n // accum, length)
-  return {"input_ids": ids.reshape(shape), "attention_mask": mask.reshape(shape),
-          "targets": targets.reshape(shape)}
+  out = {"input_ids": ids.reshape(shape), "attention_mask": mask.reshape(shape),
+         "targets": targets.reshape(shape)}
+  if segments:
+    out["segment_ids"] = seg.reshape(shape)
+  return out
 
 
 def eval_batches(examples: list[Example], batch_size: int, max_length: int, pad_id: int,

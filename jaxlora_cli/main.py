@@ -123,7 +123,7 @@ def _cmd_eval(args) -> None:
       raise ConfigError("the run has no evaluation data; pass --data <file>")
   batches = data_lib.eval_batches(examples, cfg.train.batch_size, cfg.data.max_length,
                                   trainer.pad_id(tok))
-  run = trainer.make_eval(model)
+  run = trainer.make_eval(model, loss_chunk_size=cfg.train.loss_chunk_size)
   t, f = jaxlora.split(tree)
   with_adapter = run(t, f, batches)
   zero = jaxlora.combine(jax_zero_b(t), f)

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxlora
+from jaxlora.models import attention as attention_lib
 from jaxlora_cli import config as config_lib
 from jaxlora_cli import data as data_lib
 from jaxlora_cli import reporting
@@ -48,6 +49,11 @@ def load_model(cfg: Config, mesh=None):
   if not os.path.isdir(path):
     raise ConfigError(f"model directory {path} not found")
   try:
+    # Fails here, before any weights are read, when this platform cannot run the choice.
+    attention_lib.resolve(cfg.model.attention)
+  except ValueError as e:
+    raise ConfigError(f"config key 'model.attention': {e}") from None
+  try:
     # QLoRA (model.quantize): kernels are quantized tensor by tensor as they are read; a
     # bitsandbytes 4-bit checkpoint loads quantized as stored.
     model, params = jaxlora.models.from_pretrained(
@@ -56,7 +62,7 @@ def load_model(cfg: Config, mesh=None):
         shardings=None if mesh is None else
         (lambda m: jaxlora.sharding.param_shardings(m, mesh, rules(cfg))),
         quantize=cfg.model.quantize, block_size=cfg.model.quant_block_size,
-        double_quant=cfg.model.double_quant)
+        double_quant=cfg.model.double_quant, attention=cfg.model.attention)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(str(e)) from None
   return model, params
@@ -117,21 +123,66 @@ def optimizer(cfg: Config, lr_schedule) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def _token_loss(fwd, trainable, frozen, batch, key):
-  """Summed cross-entropy over target tokens, and their count."""
-  logits = fwd({"params": jaxlora.combine(trainable, frozen)}, batch["input_ids"],
-               attention_mask=batch["attention_mask"],
-               rngs=None if key is None else {"dropout": key})
-  logits = logits[:, :-1].astype(jnp.float32)
+def loss_weights(batch) -> jax.Array:
+  """Weights of the next-token predictions: (batch, seq - 1), position i predicting i + 1.
+
+  A prediction counts where token i + 1 is a target and positions i and i + 1
+  hold the same example: never across two packed examples (`segment_ids`) nor
+  into padding. Without `segment_ids` the attention mask plays their part
+  (one example per row), which gives ``targets[:, 1:] * attention_mask[:, 1:]``.
+  """
+  seg = batch.get("segment_ids", batch["attention_mask"])
+  same = (seg[:, :-1] == seg[:, 1:]) & (seg[:, 1:] > 0)
+  return batch["targets"][:, 1:] * same.astype(jnp.float32)
+
+
+def _token_loss(fwd, trainable, frozen, batch, key, *, model=None, chunk_size: int = 0):
+  """Summed cross-entropy over target tokens, and their count.
+
+  With `chunk_size` > 0 the model returns its final hidden states and
+  `chunked_cross_entropy` applies the head chunk by chunk, so the float32
+  (batch, seq, vocab) logits never exist; `fwd` must then skip its
+  reached-adapter check (the head's adapter, if any, is applied by the loss).
+  """
+  params = jaxlora.combine(trainable, frozen)
+  kwargs = {"attention_mask": batch["attention_mask"],
+            "rngs": None if key is None else {"dropout": key}}
+  if "segment_ids" in batch:  # packed rows
+    kwargs["segment_ids"] = batch["segment_ids"]
   labels = batch["input_ids"][:, 1:]
-  weights = batch["targets"][:, 1:] * batch["attention_mask"][:, 1:].astype(jnp.float32)
+  weights = loss_weights(batch)
+  if chunk_size > 0:
+    hidden = fwd({"params": params}, batch["input_ids"], return_hidden=True, **kwargs)
+    total = jaxlora.models.chunked_cross_entropy(model, params, hidden[:, :-1], labels, weights,
+                                                 chunk_size=chunk_size, reduction="sum")
+    return total, jnp.sum(weights)
+  logits = fwd({"params": params}, batch["input_ids"], **kwargs)
+  logits = logits[:, :-1].astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   return jnp.sum(ce * weights), jnp.sum(weights)
 
 
-def make_train_step(model, tx, dropout: float, shardings=None):
-  """The jitted step; `shardings` = (trainable, opt_state, frozen, batch, replicated)."""
-  fwd = jaxlora.apply(model.apply, dropout=dropout)
+def make_loss(model, dropout: float = 0.0, loss_chunk_size: int = 512):
+  """``loss(trainable, frozen, batch, key) -> (summed cross-entropy, target count)``.
+
+  `batch` holds one micro-batch (batch, seq) arrays; `key` None disables dropout.
+  """
+  # The chunked loss applies the head's adapter itself, so the forward pass leaves it unused.
+  fwd = jaxlora.apply(model.apply, dropout=dropout, check_reached=loss_chunk_size == 0)
+
+  def loss(trainable, frozen, batch, key):
+    return _token_loss(fwd, trainable, frozen, batch, key, model=model,
+                       chunk_size=loss_chunk_size)
+
+  return loss
+
+
+def make_train_step(model, tx, dropout: float, shardings=None, *, loss_chunk_size: int = 512):
+  """The jitted step; `shardings` = (trainable, opt_state, frozen, batch, replicated).
+
+  `loss_chunk_size` as `train.loss_chunk_size` (0: the loss from full logits).
+  """
+  loss_fn = make_loss(model, dropout, loss_chunk_size)
 
   def step(trainable, opt_state, frozen, batch, key):
     keys = jax.random.split(key, batch["input_ids"].shape[0])
@@ -140,7 +191,7 @@ def make_train_step(model, tx, dropout: float, shardings=None):
       g_acc, l_acc, n_acc = carry
       mb, k = xs
       (l, n), g = jax.value_and_grad(
-          lambda t: _token_loss(fwd, t, frozen, mb, k), has_aux=True)(trainable)
+          lambda t: loss_fn(t, frozen, mb, k), has_aux=True)(trainable)
       return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
 
     zeros = jax.tree.map(jnp.zeros_like, trainable)
@@ -158,14 +209,17 @@ def make_train_step(model, tx, dropout: float, shardings=None):
                  out_shardings=(t_sh, o_sh, rep))
 
 
-def make_eval(model, place=None):
-  """Mean eval loss over fixed batches; `place` puts a host batch on the mesh."""
-  fwd = jaxlora.apply(model.apply)
+def make_eval(model, place=None, *, loss_chunk_size: int = 512):
+  """Mean eval loss over fixed batches; `place` puts a host batch on the mesh.
+
+  `loss_chunk_size` as in `make_train_step` (the same loss either way).
+  """
+  loss_fn = make_loss(model, 0.0, loss_chunk_size)
 
   @jax.jit
   def ev(trainable, frozen, batch):
     mb = jax.tree.map(lambda x: x[0], batch)
-    return _token_loss(fwd, trainable, frozen, mb, None)
+    return loss_fn(trainable, frozen, mb, None)
 
   def run(trainable, frozen, batches):
     total, count = 0.0, 0.0
@@ -224,9 +278,11 @@ def check_run_dir(cfg: Config) -> bool:
   old = config_lib.load(str(saved)).to_dict()
   new = cfg.to_dict()
   # A longer run may continue an earlier one, on another mesh or process layout (a resized or
-  # recreated slice): the checkpoint is restored onto the new shardings.
+  # recreated slice): the checkpoint is restored onto the new shardings. How the same step is
+  # computed (attention kernel, remat, loss chunks) may change too, e.g. on other hardware.
   for d in (old, new):
-    d["train"] = {**d["train"], "steps": None}
+    d["train"] = {**d["train"], "steps": None, "loss_chunk_size": None}
+    d["model"] = {**d["model"], "attention": None, "remat": None}
     d.pop("mesh", None)
     d.pop("distributed", None)
   diffs = [f"{s}.{k}" for s in new if isinstance(new[s], dict)
@@ -244,6 +300,12 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
   if jax.process_count() > 1:  # every process decides before process 0 writes anything
     multihost_utils.sync_global_devices("jaxlora: run directory checked")
   mesh = make_mesh(cfg)
+  # The mesh context lets the Pallas attention kernels run per device (shard_map).
+  with jax.set_mesh(mesh):
+    return _train(cfg, mesh, resume, log, progress)
+
+
+def _train(cfg: Config, mesh, resume: bool, log, progress: bool) -> dict:
   n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if cfg.train.batch_size % n_batch_shards:
     raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of "
@@ -296,7 +358,7 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
   rng = jax.random.key(cfg.train.seed + 1)
   pid = pad_id(tok)
   batcher = data_lib.Batcher(train_ex, cfg.train.batch_size, cfg.data.max_length,
-                             cfg.data.seed, pid)
+                             cfg.data.seed, pid, packing=cfg.data.packing)
   ckpt = jaxlora.CheckpointManager(run_path(out, "checkpoints"),
                                    max_to_keep=cfg.train.keep_checkpoints,
                                    save_interval_steps=cfg.train.save_every)
@@ -313,8 +375,9 @@ def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
     batcher.state = state["data_state"]
     metrics.truncate(start)
     log(f"resuming {out} from step {start}")
-  step_fn = make_train_step(model, tx, lc.dropout, (t_sh, o_sh, f_sh, b_sh, rep))
-  eval_fn = make_eval(model, place)
+  step_fn = make_train_step(model, tx, lc.dropout, (t_sh, o_sh, f_sh, b_sh, rep),
+                            loss_chunk_size=cfg.train.loss_chunk_size)
+  eval_fn = make_eval(model, place, loss_chunk_size=cfg.train.loss_chunk_size)
   ebatches = data_lib.eval_batches(eval_ex, cfg.train.batch_size, cfg.data.max_length, pid,
                                    cfg.train.eval_batches, pad_rows=True)
   eval_before = None

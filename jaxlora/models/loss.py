@@ -40,8 +40,8 @@ def _logits(model: Decoder, head: dict, h: jax.Array) -> jax.Array:
 
 def chunked_cross_entropy(model: Decoder, params: Any, hidden: jax.Array, labels: jax.Array,
                           weights: jax.Array | None = None, *,
-                          chunk_size: int = 512) -> jax.Array:
-  """Weighted mean next-token cross-entropy, computing the head one sequence chunk at a time.
+                          chunk_size: int = 512, reduction: str = "mean") -> jax.Array:
+  """Weighted next-token cross-entropy, computing the head one sequence chunk at a time.
 
   ``hidden`` comes from ``model.apply(..., return_hidden=True)`` (through
   `jaxlora.apply` with ``check_reached=False`` when the head carries an
@@ -58,12 +58,15 @@ def chunked_cross_entropy(model: Decoder, params: Any, hidden: jax.Array, labels
     labels: int ``(batch, seq)`` target token ids (already shifted).
     weights: ``(batch, seq)`` loss weights (0 on padding); default all ones.
     chunk_size: sequence positions per chunk.
+    reduction: ``'mean'`` (weighted mean) or ``'sum'`` (weighted sum, for callers that
+      add up losses and token counts over several batches themselves).
 
   Returns:
-    ``sum(weights * nll) / max(sum(weights), 1)`` as a float32 scalar.
+    ``sum(weights * nll) / max(sum(weights), 1)`` (``'mean'``) or ``sum(weights * nll)``
+    (``'sum'``) as a float32 scalar.
 
   Raises:
-    ValueError: shapes that do not match, or a chunk size below 1.
+    ValueError: shapes that do not match, a chunk size below 1, or an unknown reduction.
 
   >>> import jax, jax.numpy as jnp, jaxlora
   >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
@@ -76,9 +79,14 @@ def chunked_cross_entropy(model: Decoder, params: Any, hidden: jax.Array, labels
   >>> full = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
   >>> bool(jnp.allclose(loss, full, rtol=1e-6))
   True
+  >>> total = chunked_cross_entropy(model, params, h, ids[:, 1:], chunk_size=4, reduction="sum")
+  >>> bool(jnp.allclose(total, 9 * full, rtol=1e-6))
+  True
   """
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+  if reduction not in ("mean", "sum"):
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
   b, t, d = hidden.shape
   if tuple(labels.shape) != (b, t):
     raise ValueError(f"labels {tuple(labels.shape)} must be (batch, seq) = {(b, t)} like hidden.")
@@ -103,4 +111,6 @@ def chunked_cross_entropy(model: Decoder, params: Any, hidden: jax.Array, labels
     return total + chunk_loss(head, *xs), None
 
   total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hc, yc, wc))
+  if reduction == "sum":
+    return total
   return total / jnp.maximum(jnp.sum(w), 1.0)

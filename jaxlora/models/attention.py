@@ -220,6 +220,30 @@ def attend(q: Array, k: Array, v: Array, ctx: dict, *, implementation: str, scal
   return _per_shard(kernel, q, k, v, seg)
 
 
+def _batch_axes(mesh, rows: int) -> tuple[str, ...]:
+  """The mesh axes the batch is split over (``data``, ``fsdp``), when they divide ``rows``."""
+  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+  return axes if rows % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+
+def shard_batch(x: Array) -> Array:
+  """Pins the batch axis of an activation to the mesh's batch axes (inside `jax.set_mesh`).
+
+  Without it XLA may follow the FSDP-sharded weights and split activations
+  along the hidden axis instead, so that every device holds the whole batch.
+  Outside a mesh context this is the identity.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  batch = _batch_axes(mesh, x.shape[0])
+  if not batch:
+    return x
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+  return jax.lax.with_sharding_constraint(x, P(batch))
+
+
 def _per_shard(kernel, q, k, v, seg):
   """Runs a Pallas kernel on each device's rows and heads under the current mesh.
 
@@ -231,10 +255,7 @@ def _per_shard(kernel, q, k, v, seg):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return kernel(q, k, v, seg)
-  size = lambda names: math.prod(mesh.shape[a] for a in names)
-  batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
-  if q.shape[0] % size(batch):
-    batch = ()
+  batch = _batch_axes(mesh, q.shape[0])
   heads = ("tensor",) if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 \
       and k.shape[2] % mesh.shape["tensor"] == 0 else ()
   if not batch and not heads:

@@ -268,7 +268,7 @@ class Decoder(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                      param_dtype=self.param_dtype,
                      embedding_init=_init(("vocab", "embed")), name=embed_name)
-    x = embed(input_ids)
+    x = attention_lib.shard_batch(embed(input_ids))  # rows, not features, split over devices
     if cfg.is_gpt2:
       wpe = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
                      param_dtype=self.param_dtype, embedding_init=_init((None, "embed"), 0.01),

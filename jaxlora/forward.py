@@ -155,7 +155,58 @@ def _quantized_call(module, args, kwargs):
   return run(own[KERNEL_KEY], rest, x)
 
 
-def _make_interceptor(dropout: float, reached: set[str]):
+def _dense_axes(module, x):
+  return list(range(x.ndim - 1)), [x.ndim - 1]
+
+
+def _dense_general_axes(module, x):
+  axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+  axis = sorted(ax % x.ndim for ax in axis)
+  return [i for i in range(x.ndim) if i not in axis], axis
+
+
+# Layer kind -> (batch-leading axes, input axes) of its input, for per-row adapters.
+_ROW_AXES = {nn.Dense: _dense_axes, nn.DenseGeneral: _dense_general_axes}
+
+
+def _row_term(module, x, a, b, scale, ids):
+  """Per-row LoRA terms: row i uses adapter ``ids[i]`` of the bank (``-1``: none).
+
+  The factors are gathered per row and contracted as batched products (one
+  gather per layer, no loop over adapters); the gather's transpose sends each
+  row's gradient to its own adapter.
+  """
+  path = _tree.join(module.path)
+  axes_fn = next((_ROW_AXES[c] for c in type(module).__mro__ if c in _ROW_AXES), None)
+  if axes_fn is None:
+    raise ValueError(f"'{path}' ({type(module).__name__}) holds an adapter bank, but per-row "
+                     "adapters run on nn.Dense and nn.DenseGeneral layers only; leave this "
+                     "layer out of the bank's adapters.")
+  lead, ins = axes_fn(module, x)
+  n = scale.shape[0]
+  if not lead or lead[0] != 0 or x.shape[0] != ids.shape[0]:
+    raise ValueError(f"'{path}': adapter_ids has {ids.shape[0]} rows but the layer's input is "
+                     f"{tuple(x.shape)}; per-row adapters need the batch axis first, one id "
+                     "per row.")
+  if not isinstance(ids, jax.core.Tracer):
+    bad = [int(i) for i in jax.device_get(ids) if not -1 <= int(i) < n]
+    if bad:
+      raise ValueError(f"adapter_ids holds {bad[0]}, out of range for a bank of {n} adapters "
+                       "(-1 is the base alone).")
+  rows = x.shape[0]
+  xt = jnp.transpose(x, lead + ins) if lead + ins != list(range(x.ndim)) else x
+  rest = xt.shape[1:len(lead)]
+  n_in = math.prod(xt.shape[len(lead):])
+  r = a.shape[-1]
+  safe = jnp.clip(ids, 0, n - 1)
+  # Rows of the base alone get scale 0; ids out of range (under jit) come out NaN.
+  s = jnp.where(ids < 0, 0, jnp.where(ids < n, scale[safe], jnp.nan)).astype(x.dtype)
+  y = _lowrank(xt.reshape(rows, -1, n_in), a[safe].reshape(rows, n_in, r),
+               b[safe].reshape(rows, r, -1), s[:, None, None], module.precision)
+  return y.reshape((rows,) + rest + b.shape[2:])
+
+
+def _make_interceptor(dropout: float, reached: set[str], adapter_ids=None):
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
     handler = _handler(module) if context.method_name == "__call__" else None
@@ -178,6 +229,12 @@ def _make_interceptor(dropout: float, reached: set[str]):
     if dropout > 0.0 and module.scope.has_rng("dropout"):
       keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
+    if scale.ndim == 1:  # a bank: one scale per adapter (stacked layer axes are sliced off)
+      if adapter_ids is None:
+        raise ValueError(f"'{_tree.join(module.path)}' holds an adapter bank of "
+                         f"{scale.shape[0]} adapters: call with adapter_ids= (one id per row; "
+                         "Bank.ids(names) makes them).")
+      return y + _row_term(module, x, a, b, scale, jnp.asarray(adapter_ids)).astype(dt)
     return y + handler(module, args, kwargs, x, a, b, scale).astype(dt)
   return interceptor
 
@@ -195,6 +252,10 @@ def apply(apply_fn: Callable[..., Any], *, dropout: float = 0.0,
   Dropout on the LoRA input is active when the call provides a ``'dropout'``
   rng (``rngs={'dropout': key}``), as in training; without it (evaluation) the
   LoRA input is used as is.
+
+  On an adapter bank (`jaxlora.stack`) the returned function takes
+  ``adapter_ids=``, an int array ``(batch,)``: row ``i`` is computed with
+  adapter ``adapter_ids[i]`` (``-1``: the base alone), all rows in one pass.
 
   Args:
     apply_fn: usually ``model.apply``; its first argument is the variables.
@@ -225,9 +286,14 @@ def apply(apply_fn: Callable[..., Any], *, dropout: float = 0.0,
     raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
 
   @functools.wraps(apply_fn)
-  def lora_apply(*args, **kwargs):
+  def lora_apply(*args, adapter_ids=None, **kwargs):
     reached: set[str] = set()
-    with nn.intercept_methods(_make_interceptor(dropout, reached)):
+    if adapter_ids is not None:
+      adapter_ids = jnp.asarray(adapter_ids)
+      if adapter_ids.ndim != 1 or not jnp.issubdtype(adapter_ids.dtype, jnp.integer):
+        raise ValueError(f"adapter_ids must be an integer array of shape (batch,), got "
+                         f"{adapter_ids.dtype} {tuple(adapter_ids.shape)}.")
+    with nn.intercept_methods(_make_interceptor(dropout, reached, adapter_ids)):
       out = apply_fn(*args, **kwargs)
     variables = args[0] if args else kwargs.get("variables")
     if check_reached and "method" not in kwargs and isinstance(variables, Mapping):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora import _tree
+from jaxlora import bank as bank_lib
 from jaxlora import forward
 from jaxlora import quantization
 from jaxlora.models.decoder import Decoder, init_cache
@@ -31,10 +32,14 @@ def _sample(logits, key, temperature, top_p):
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_p",
                                              "eos", "pad", "lora"))
-def _generate(model, params, input_ids, mask, key, *, max_new_tokens, temperature, top_p, eos,
-              pad, lora):
+def _generate(model, params, input_ids, mask, key, adapter_ids, *, max_new_tokens, temperature,
+              top_p, eos, pad, lora):
   b, t = input_ids.shape
-  fn = forward.apply(model.apply) if lora else model.apply
+  fn = model.apply
+  if lora:
+    lora_fn = forward.apply(model.apply)
+    fn = (lora_fn if adapter_ids is None else
+          functools.partial(lora_fn, adapter_ids=adapter_ids))
   variables = {"params": params}
   cache = init_cache(model.config, b, t + max_new_tokens, model.dtype)
   logits, cache = fn(variables, input_ids, attention_mask=mask, cache=cache)
@@ -59,7 +64,7 @@ def _generate(model, params, input_ids, mask, key, *, max_new_tokens, temperatur
 def generate(model: Decoder, params: Any, input_ids: Any, *, attention_mask: Any = None,
              max_new_tokens: int = 20, temperature: float = 0.0, top_p: float = 1.0,
              key: jax.Array | None = None, eos_token_id: int | tuple[int, ...] | None = "config",
-             pad_token_id: int | None = None) -> jax.Array:
+             pad_token_id: int | None = None, adapter_ids: Any = None) -> jax.Array:
   """Generates tokens with a KV cache; jitted, batched, any padding side.
 
   Works on plain, merged and LoRA-wrapped params: with adapter leaves present
@@ -77,6 +82,9 @@ def generate(model: Decoder, params: Any, input_ids: Any, *, attention_mask: Any
     eos_token_id: stop token(s); by default the model config's. After it a row
       gets `pad_token_id`. None disables stopping.
     pad_token_id: filler after EOS; defaults to the config's, else the first EOS id, else 0.
+    adapter_ids: with an adapter bank (a `jaxlora.Bank` or its ``tree``), the
+      adapter of each row, int ``(batch,)`` (-1: the base alone); names are
+      accepted too when ``params`` is a `Bank`.
 
   Returns:
     The new tokens, int32 ``(batch, max_new_tokens)``.
@@ -113,8 +121,23 @@ def generate(model: Decoder, params: Any, input_ids: Any, *, attention_mask: Any
     pad_token_id = model.config.pad_token_id
   if pad_token_id is None:
     pad_token_id = eos[0] if eos else 0
+  if isinstance(params, bank_lib.Bank):
+    if adapter_ids is not None and any(isinstance(i, str) or i is None for i in adapter_ids):
+      adapter_ids = params.ids(list(adapter_ids))
+    if adapter_ids is not None:
+      ids = jnp.asarray(adapter_ids)
+      if bool(jnp.any((ids < -1) | (ids >= params.capacity))):
+        raise ValueError(f"adapter_ids {ids.tolist()} out of range for a bank of "
+                         f"{params.capacity} slots (-1 is the base alone).")
+    params = params.tree
+  if adapter_ids is not None:
+    adapter_ids = jnp.asarray(adapter_ids, jnp.int32)
+    if adapter_ids.shape != (input_ids.shape[0],):
+      raise ValueError(f"adapter_ids must hold one id per prompt row, shape "
+                       f"({input_ids.shape[0]},), got {tuple(adapter_ids.shape)}.")
   p = _tree.get_params(params)
   return _generate(model, p, input_ids, mask, key if key is not None else jax.random.key(0),
+                   adapter_ids,
                    max_new_tokens=max_new_tokens, temperature=float(temperature),
                    top_p=float(top_p), eos=eos, pad=int(pad_token_id),
                    # quantized layers are computed by jaxlora.apply too

@@ -4,6 +4,7 @@ from jaxlora import models
 from jaxlora import peft
 from jaxlora import quantization
 from jaxlora import sharding
+from jaxlora.bank import Bank, bank_set, stack, unstack
 from jaxlora.checkpoint import CheckpointManager, load, save
 from jaxlora.forward import apply
 from jaxlora.generation import generate
@@ -16,6 +17,7 @@ from jaxlora.transform import (LayerSummary, Summary, adapter, combine, merge, s
 __version__ = "0.1.0"
 
 __all__ = [
+    "Bank",
     "CheckpointManager",
     "KernelLayout",
     "LayerSummary",
@@ -24,6 +26,7 @@ __all__ = [
     "Summary",
     "adapter",
     "apply",
+    "bank_set",
     "combine",
     "dequantize",
     "generate",
@@ -38,7 +41,9 @@ __all__ = [
     "save",
     "sharding",
     "split",
+    "stack",
     "summary",
     "unmerge",
+    "unstack",
     "wrap",
 ]

@@ -6,6 +6,7 @@ from jaxlora import quantization
 from jaxlora import sharding
 from jaxlora.bank import Bank, bank_set, stack, unstack
 from jaxlora.checkpoint import CheckpointManager, load, save
+from jaxlora.combination import merge_adapters
 from jaxlora.forward import apply
 from jaxlora.generation import generate
 from jaxlora.kernel_layout import Layout, KernelLayout, layout
@@ -33,6 +34,7 @@ __all__ = [
     "layout",
     "load",
     "merge",
+    "merge_adapters",
     "models",
     "optimizer",
     "peft",

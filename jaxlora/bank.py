@@ -17,6 +17,7 @@ capacity and maximum rank stay the same.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -198,6 +199,12 @@ def _slot_leaves(mod: Mapping, slot: int, entry: _Entry) -> dict:
   return {A_KEY: a, B_KEY: b, SCALE_KEY: s.astype(entry.scale_dtype)}
 
 
+@functools.partial(jax.jit, static_argnums=(3,))
+def _set_slot(olds, news, slot, axes):
+  return [tuple(jax.lax.dynamic_update_index_in_dim(o, n, slot, ax) for o, n in zip(old, new))
+          for old, new, ax in zip(olds, news, axes)]
+
+
 def unstack(bank: Bank) -> dict[str, PyTree]:
   """The single adapter trees of a bank, exactly as they were stacked.
 
@@ -268,14 +275,15 @@ def bank_set(bank: Bank, name: str, tree: PyTree) -> Bank:
     raise ValueError(f"adapter {name!r} targets {extra[0]!r}, which no adapter in the bank "
                      "targets, so the bank has no slot there; stack() it with the others.")
   entries = {}
-  new_modules = {}
+  olds, news, axes, paths = [], [], [], []
   for key, (path, bmod) in bank_mods.items():
     ns = jnp.ndim(bmod[SCALE_KEY]) - 1
-    idx = (slice(None),) * ns + (slot,)
     a, b, s = bmod[A_KEY], bmod[B_KEY], bmod[SCALE_KEY]
     m = mods.get(key)
-    if m is None:
-      a, b, s = a.at[idx].set(0), b.at[idx].set(0), s.at[idx].set(0)
+    if m is None:  # not targeted by this adapter: zeros, scale 0
+      na = np.zeros(a.shape[:ns] + a.shape[ns + 1:], a.dtype)
+      nb = np.zeros(b.shape[:ns] + b.shape[ns + 1:], b.dtype)
+      nsc = np.zeros(s.shape[:ns], s.dtype)
     else:
       r = m[A_KEY].shape[-1]
       if r > bank.max_rank:
@@ -287,12 +295,19 @@ def bank_set(bank: Bank, name: str, tree: PyTree) -> Bank:
                          f"not fit the bank's {want + ('r',)}.")
       pad_a = [(0, 0)] * (m[A_KEY].ndim - 1) + [(0, bank.max_rank - r)]
       pad_b = [(0, 0)] * ns + [(0, bank.max_rank - r)] + [(0, 0)] * (m[B_KEY].ndim - ns - 1)
-      a = a.at[idx].set(jnp.pad(jnp.asarray(m[A_KEY]), pad_a).astype(a.dtype))
-      b = b.at[idx].set(jnp.pad(jnp.asarray(m[B_KEY]), pad_b).astype(b.dtype))
-      s = s.at[idx].set(jnp.broadcast_to(jnp.asarray(m[SCALE_KEY], s.dtype), s.shape[:ns]))
+      na = jnp.pad(jnp.asarray(m[A_KEY]), pad_a).astype(a.dtype)
+      nb = jnp.pad(jnp.asarray(m[B_KEY]), pad_b).astype(b.dtype)
+      nsc = jnp.broadcast_to(jnp.asarray(m[SCALE_KEY], s.dtype), s.shape[:ns])
       entries[key] = _Entry(r, tuple(np.shape(m[SCALE_KEY])), m[A_KEY].dtype, m[B_KEY].dtype,
                             jnp.asarray(m[SCALE_KEY]).dtype)
-    new_modules[path] = {**bmod, A_KEY: a, B_KEY: b, SCALE_KEY: s}
+    olds.append((a, b, s))
+    news.append((na, nb, nsc))
+    axes.append(ns)
+    paths.append((path, bmod))
+  # One jitted update for the whole bank: compiled once per bank shape, any slot.
+  updated = _set_slot(olds, news, jnp.asarray(slot, jnp.int32), tuple(axes))
+  new_modules = {path: {**bmod, A_KEY: a, B_KEY: b, SCALE_KEY: sc}
+                 for (path, bmod), (a, b, sc) in zip(paths, updated)}
   names = list(bank.names)
   names[slot] = name
   all_entries = {n: e for n, e in bank.entries.items() if n != name}

@@ -54,6 +54,7 @@ class DataConfig:
   eval_fraction: float = 0.0        # held out from train_file when no eval_file is given
   seed: int = 0
   packing: bool = False             # pack several examples per training row (segment_ids)
+  adapter_field: Union[str, None] = None  # column naming each row's adapter (one per value)
 
 
 @dataclasses.dataclass
@@ -230,6 +231,14 @@ def validate(cfg: Config) -> None:
                       f"{cfg.data.eval_fraction}")
   if cfg.train.lr <= 0:
     raise ConfigError(f"config key 'train.lr' must be positive, got {cfg.train.lr}")
+  if cfg.data.adapter_field is not None and cfg.data.packing:
+    raise ConfigError(f"config keys 'data.adapter_field'={cfg.data.adapter_field!r} and "
+                      "'data.packing'=true cannot be combined: a packed row would mix "
+                      "adapters. Set data.packing=false to train one adapter per "
+                      f"'{cfg.data.adapter_field}' value.")
+  if cfg.data.adapter_field == "":
+    raise ConfigError("config key 'data.adapter_field' is empty; name the column that holds "
+                      "each row's adapter (e.g. data.adapter_field=task), or leave it unset")
   if cfg.train.loss_chunk_size < 0:
     raise ConfigError(f"config key 'train.loss_chunk_size' must be positive, or 0 for the "
                       f"full-logits loss, got {cfg.train.loss_chunk_size}")
@@ -276,6 +285,10 @@ DOCS = {
     "data.packing": "pack several examples into each training row of data.max_length "
                     "(first-fit in shuffled order; examples attend only within themselves and "
                     "the loss never crosses them); evaluation stays one example per row",
+    "data.adapter_field": "column naming each row's adapter: trains one adapter per distinct "
+                          "value at once (an adapter bank; each adapter's loss is its own "
+                          "token mean), saved to adapters/<name>/ and adapters_peft/<name>/; "
+                          "not with data.packing",
     "train.steps": "optimizer steps (raise it and rerun to continue a finished run)",
     "train.batch_size": "examples per micro-batch",
     "train.grad_accum": "micro-batches per optimizer step",

@@ -10,6 +10,10 @@ in the shuffled order), marked by `segment_ids`: the model attends only within
 a segment and restarts positions there, and the loss never predicts across a
 segment boundary, so each example trains as if it were alone. Evaluation
 batches stay one example per row.
+
+With `data.adapter_field`, each example carries the name of its adapter
+(`Example.adapter`) and batches gain ``adapter_ids`` (``adapter_index`` maps
+names to bank slots; -1 marks an empty row).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parq
 class Example:
   ids: np.ndarray       # int32 token ids
   targets: np.ndarray   # float32, 1 where the token is a training target
+  adapter: str | None = None  # the row's adapter name (data.adapter_field), if any
 
 
 def read_rows(path: str) -> Any:
@@ -81,6 +86,8 @@ def tokenize(rows: Any, cfg: DataConfig, tokenizer, path: str) -> list[Example]:
   out: list[Example] = []
   n = cfg.max_length
   for i, row in enumerate(rows):
+    adapter = (None if cfg.adapter_field is None else
+               str(_field(row, cfg.adapter_field, i, path)))
     if cfg.format == "text":
       ids = _bos(tokenizer) + _encode(tokenizer, str(_field(row, cfg.text_field, i, path)))
       ids += _eos(tokenizer)
@@ -88,7 +95,8 @@ def tokenize(rows: Any, cfg: DataConfig, tokenizer, path: str) -> list[Example]:
       for start in range(0, max(len(ids) - 1, 1), n):
         piece = ids[start:start + n]
         if len(piece) >= 2:
-          out.append(Example(np.asarray(piece, np.int32), np.ones(len(piece), np.float32)))
+          out.append(Example(np.asarray(piece, np.int32), np.ones(len(piece), np.float32),
+                             adapter))
       continue
     if cfg.format == "prompt_completion":
       prompt = _bos(tokenizer) + _encode(tokenizer, str(_field(row, cfg.prompt_field, i, path)))
@@ -129,7 +137,7 @@ def tokenize(rows: Any, cfg: DataConfig, tokenizer, path: str) -> list[Example]:
       ids, targets = ids[:n], targets[:n]
     if not any(targets[1:]):
       continue  # nothing left to learn from after truncation
-    out.append(Example(np.asarray(ids, np.int32), np.asarray(targets, np.float32)))
+    out.append(Example(np.asarray(ids, np.int32), np.asarray(targets, np.float32), adapter))
   if not out:
     raise ConfigError(f"{path}: no usable examples after tokenization")
   return out
@@ -154,13 +162,15 @@ class Batcher:
   """
 
   def __init__(self, examples: list[Example], batch_size: int, max_length: int, seed: int,
-               pad_id: int, state: dict | None = None, *, packing: bool = False):
+               pad_id: int, state: dict | None = None, *, packing: bool = False,
+               adapter_index: dict[str, int] | None = None):
     self.examples = examples
     self.batch_size = batch_size
     self.max_length = max_length
     self.seed = seed
     self.pad_id = pad_id
     self.packing = packing
+    self.adapter_index = adapter_index
     self.state = dict(state or {"epoch": 0, "index": 0})
     self._order = None
     self._order_epoch = None
@@ -230,23 +240,42 @@ class Batcher:
       lo, hi = rows
       b = self.batch_size
       packed = [packed[m * b + j] for m in range(accum) for j in range(lo, hi)]
-    return _collate_rows(packed, accum, self.pad_id, length, segments=self.packing)
+    return _collate_rows(packed, accum, self.pad_id, length, segments=self.packing,
+                         adapter_index=self.adapter_index)
 
 
 def collate(examples: list[Example], accum: int, max_length: int, pad_id: int,
-            length: int | None = None) -> dict:
+            length: int | None = None, adapter_index: dict[str, int] | None = None) -> dict:
   """One example per row, right-padded to `length` (default: its bucket)."""
   if length is None:
     length = bucket(max(len(e.ids) for e in examples), max_length)
-  return _collate_rows([[e] for e in examples], accum, pad_id, length, segments=False)
+  return _collate_rows([[e] for e in examples], accum, pad_id, length, segments=False,
+                       adapter_index=adapter_index)
+
+
+def _adapter_id(row: list[Example], adapter_index: dict[str, int]) -> int:
+  names = {e.adapter for e in row}
+  if len(names) > 1:  # config.validate keeps packing and adapter_field apart
+    raise ConfigError(f"a packed row mixes the adapters {sorted(map(str, names))}; "
+                      "data.adapter_field needs data.packing=false")
+  name = names.pop() if names else None
+  if name is None:
+    return -1
+  if name not in adapter_index:
+    raise ConfigError(f"an example names adapter {name!r}, which this run does not train (it "
+                      f"trains {', '.join(map(repr, adapter_index))}); every "
+                      "data.adapter_field value must occur in the training data")
+  return adapter_index[name]
 
 
 def _collate_rows(rows: list[list[Example]], accum: int, pad_id: int, length: int,
-                  segments: bool) -> dict:
+                  segments: bool, adapter_index: dict[str, int] | None = None) -> dict:
   """Rows of examples laid end to end and right-padded: arrays (accum, rows // accum, length).
 
   With `segments`, the batch also holds `segment_ids`: 1, 2, ... for the
-  examples of a row in order, 0 on padding.
+  examples of a row in order, 0 on padding. With `adapter_index` ({name: slot}),
+  it holds ``adapter_ids`` (accum, rows // accum, 1): each row's bank slot (-1:
+  an empty row); the trailing axis lets it share the token arrays' sharding.
   """
   n = len(rows)
   ids = np.full((n, length), pad_id, np.int32)
@@ -267,15 +296,20 @@ def _collate_rows(rows: list[list[Example]], accum: int, pad_id: int, length: in
          "targets": targets.reshape(shape)}
   if segments:
     out["segment_ids"] = seg.reshape(shape)
+  if adapter_index is not None:
+    aid = np.asarray([_adapter_id(row, adapter_index) for row in rows], np.int32)
+    out["adapter_ids"] = aid.reshape(accum, n // accum, 1)
   return out
 
 
 def eval_batches(examples: list[Example], batch_size: int, max_length: int, pad_id: int,
-                 limit: int = 0, pad_rows: bool = False) -> list[dict]:
+                 limit: int = 0, pad_rows: bool = False,
+                 adapter_index: dict[str, int] | None = None) -> list[dict]:
   """Fixed, unshuffled evaluation batches (length-sorted to limit padding).
 
   With `pad_rows`, the last batch is filled up to `batch_size` with empty rows
-  (no targets), so that every batch splits evenly over a device mesh.
+  (no targets), so that every batch splits evenly over a device mesh. With
+  `adapter_index`, batches hold each row's ``adapter_ids`` as in `Batcher`.
   """
   order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
   batches = []
@@ -284,7 +318,7 @@ def eval_batches(examples: list[Example], batch_size: int, max_length: int, pad_
     chunk = [examples[i] for i in order[s:s + batch_size]]
     if pad_rows:
       chunk += [empty] * (batch_size - len(chunk))
-    batches.append(collate(chunk, 1, max_length, pad_id))
+    batches.append(collate(chunk, 1, max_length, pad_id, adapter_index=adapter_index))
     if limit and len(batches) >= limit:
       break
   return batches

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -136,71 +138,133 @@ def loss_weights(batch) -> jax.Array:
   return batch["targets"][:, 1:] * same.astype(jnp.float32)
 
 
-def _token_loss(fwd, trainable, frozen, batch, key, *, model=None, chunk_size: int = 0):
-  """Summed cross-entropy over target tokens, and their count.
+def _weighted_losses(fwd, trainable, frozen, batch, key, weight_sets, *, model=None,
+                     chunk_size: int = 0):
+  """``sum(cross-entropy * w)`` for each ``w`` in `weight_sets`, from one forward pass.
 
-  With `chunk_size` > 0 the model returns its final hidden states and
-  `chunked_cross_entropy` applies the head chunk by chunk, so the float32
-  (batch, seq, vocab) logits never exist; `fwd` must then skip its
-  reached-adapter check (the head's adapter, if any, is applied by the loss).
+  Each ``w`` is (batch, seq - 1), as `loss_weights`. With `chunk_size` > 0 the
+  model returns its final hidden states and `chunked_cross_entropy` applies the
+  head chunk by chunk, so the float32 (batch, seq, vocab) logits never exist;
+  `fwd` must then skip its reached-adapter check (the head's adapter, if any, is
+  applied by the loss). A batch with ``adapter_ids`` (batch, 1) runs each row
+  with its adapter of the bank.
   """
   params = jaxlora.combine(trainable, frozen)
   kwargs = {"attention_mask": batch["attention_mask"],
             "rngs": None if key is None else {"dropout": key}}
   if "segment_ids" in batch:  # packed rows
     kwargs["segment_ids"] = batch["segment_ids"]
+  if "adapter_ids" in batch:  # an adapter bank: row i runs with adapter adapter_ids[i]
+    kwargs["adapter_ids"] = batch["adapter_ids"][:, 0]
   labels = batch["input_ids"][:, 1:]
-  weights = loss_weights(batch)
   if chunk_size > 0:
     hidden = fwd({"params": params}, batch["input_ids"], return_hidden=True, **kwargs)
-    total = jaxlora.models.chunked_cross_entropy(model, params, hidden[:, :-1], labels, weights,
+    return [jaxlora.models.chunked_cross_entropy(model, params, hidden[:, :-1], labels, w,
                                                  chunk_size=chunk_size, reduction="sum")
-    return total, jnp.sum(weights)
+            for w in weight_sets]
   logits = fwd({"params": params}, batch["input_ids"], **kwargs)
   logits = logits[:, :-1].astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return jnp.sum(ce * weights), jnp.sum(weights)
+  return [jnp.sum(ce * w) for w in weight_sets]
+
+
+def _token_loss(fwd, trainable, frozen, batch, key, *, model=None, chunk_size: int = 0,
+                row_scale=None):
+  """Summed cross-entropy over target tokens, and their count.
+
+  `row_scale` (batch,) multiplies each row's terms (the per-adapter
+  normalisation of `make_train_step`); the count is unscaled.
+  """
+  weights = loss_weights(batch)
+  scaled = weights if row_scale is None else weights * row_scale[:, None]
+  total, = _weighted_losses(fwd, trainable, frozen, batch, key, [scaled], model=model,
+                            chunk_size=chunk_size)
+  return total, jnp.sum(weights)
 
 
 def make_loss(model, dropout: float = 0.0, loss_chunk_size: int = 512):
-  """``loss(trainable, frozen, batch, key) -> (summed cross-entropy, target count)``.
+  """``loss(trainable, frozen, batch, key, row_scale=None) -> (summed cross-entropy, count)``.
 
   `batch` holds one micro-batch (batch, seq) arrays; `key` None disables dropout.
   """
   # The chunked loss applies the head's adapter itself, so the forward pass leaves it unused.
   fwd = jaxlora.apply(model.apply, dropout=dropout, check_reached=loss_chunk_size == 0)
 
-  def loss(trainable, frozen, batch, key):
+  def loss(trainable, frozen, batch, key, row_scale=None):
     return _token_loss(fwd, trainable, frozen, batch, key, model=model,
-                       chunk_size=loss_chunk_size)
+                       chunk_size=loss_chunk_size, row_scale=row_scale)
 
   return loss
 
 
-def make_train_step(model, tx, dropout: float, shardings=None, *, loss_chunk_size: int = 512):
-  """The jitted step; `shardings` = (trainable, opt_state, frozen, batch, replicated).
+def adapter_token_counts(batch, capacity: int) -> jax.Array:
+  """Target tokens per bank slot in a step's (accum, batch, seq) batch: (capacity,).
 
-  `loss_chunk_size` as `train.loss_chunk_size` (0: the loss from full logits).
+  Rows with ``adapter_ids`` -1 (empty rows) count for no slot.
+  """
+  w = jax.vmap(loss_weights)(batch).sum(-1)  # (accum, batch)
+  ids = batch["adapter_ids"][..., 0]
+  ids = jnp.where(ids < 0, capacity, ids)  # dropped below (a negative index would wrap)
+  return jnp.zeros((capacity,), jnp.float32).at[ids.reshape(-1)].add(w.reshape(-1), mode="drop")
+
+
+def make_grads(model, dropout: float = 0.0, *, loss_chunk_size: int = 512,
+               capacity: int | None = None):
+  """``grads(trainable, frozen, batch, key) -> (grads, metrics)`` of one step's batch.
+
+  `batch` holds (accum, batch, seq) arrays. The loss is the mean over every
+  target token of the step. With an adapter bank (`capacity` slots; the batch
+  holds ``adapter_ids``) the loss is normalised per adapter instead: the sum
+  over adapters of each adapter's mean token loss over its own rows. Adapter
+  k's parameters only see its rows, so its gradient is exactly the gradient of
+  training it alone on those rows, whatever the mix of the batch. The
+  reported ``loss`` is then the mean over the adapters present in the step.
   """
   loss_fn = make_loss(model, dropout, loss_chunk_size)
 
-  def step(trainable, opt_state, frozen, batch, key):
+  def grads_fn(trainable, frozen, batch, key):
     keys = jax.random.split(key, batch["input_ids"].shape[0])
+    if capacity is not None:
+      counts = adapter_token_counts(batch, capacity)
+      inv = jnp.where(counts > 0, 1.0 / jnp.maximum(counts, 1.0), 0.0)
 
     def micro(carry, xs):
       g_acc, l_acc, n_acc = carry
       mb, k = xs
+      row_scale = None
+      if capacity is not None:
+        ids = mb["adapter_ids"][:, 0]
+        row_scale = jnp.where(ids < 0, 0.0, inv[jnp.clip(ids, 0, capacity - 1)])
       (l, n), g = jax.value_and_grad(
-          lambda t: loss_fn(t, frozen, mb, k), has_aux=True)(trainable)
+          lambda t: loss_fn(t, frozen, mb, k, row_scale), has_aux=True)(trainable)
       return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
 
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     (g, loss_sum, n), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), (batch, keys))
     n = jnp.maximum(n, 1.0)
-    grads = jax.tree.map(lambda x: x / n, g)  # the mean over every target token of the step
+    if capacity is None:
+      grads = jax.tree.map(lambda x: x / n, g)  # the mean over every target token of the step
+      return grads, {"loss": loss_sum / n, "tokens": n}
+    present = jnp.maximum(jnp.sum(counts > 0), 1)
+    return g, {"loss": loss_sum / present, "tokens": n}
+
+  return grads_fn
+
+
+def make_train_step(model, tx, dropout: float, shardings=None, *, loss_chunk_size: int = 512,
+                    capacity: int | None = None):
+  """The jitted step; `shardings` = (trainable, opt_state, frozen, batch, replicated).
+
+  `loss_chunk_size` as `train.loss_chunk_size` (0: the loss from full logits);
+  `capacity`: the adapter bank's slots, for the per-adapter loss of `make_grads`.
+  """
+  grads_fn = make_grads(model, dropout, loss_chunk_size=loss_chunk_size, capacity=capacity)
+
+  def step(trainable, opt_state, frozen, batch, key):
+    grads, m = grads_fn(trainable, frozen, batch, key)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return (optax.apply_updates(trainable, updates), opt_state,
-            {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads), "tokens": n})
+            {**m, "grad_norm": optax.tree.norm(grads)})
 
   if shardings is None:
     return jax.jit(step)
@@ -209,24 +273,40 @@ def make_train_step(model, tx, dropout: float, shardings=None, *, loss_chunk_siz
                  out_shardings=(t_sh, o_sh, rep))
 
 
-def make_eval(model, place=None, *, loss_chunk_size: int = 512):
+def make_eval(model, place=None, *, loss_chunk_size: int = 512,
+              adapters: tuple[str | None, ...] | None = None):
   """Mean eval loss over fixed batches; `place` puts a host batch on the mesh.
 
-  `loss_chunk_size` as in `make_train_step` (the same loss either way).
+  `loss_chunk_size` as in `make_train_step` (the same loss either way). Batches
+  with ``adapter_ids`` run each row with its adapter of the bank. With
+  `adapters` (the bank's names by slot) `run` returns ``{name: mean loss over
+  that adapter's rows}`` for the adapters that have eval rows, from one
+  forward pass per batch.
   """
-  loss_fn = make_loss(model, 0.0, loss_chunk_size)
+  fwd = jaxlora.apply(model.apply, check_reached=loss_chunk_size == 0)
 
   @jax.jit
   def ev(trainable, frozen, batch):
     mb = jax.tree.map(lambda x: x[0], batch)
-    return loss_fn(trainable, frozen, mb, None)
+    w = loss_weights(mb)
+    if adapters is None:
+      sets = [w]
+    else:
+      ids = mb["adapter_ids"][:, 0]
+      sets = [w * (ids == k)[:, None] for k in range(len(adapters))]
+    sums = _weighted_losses(fwd, trainable, frozen, mb, None, sets, model=model,
+                            chunk_size=loss_chunk_size)
+    return jnp.stack(sums), jnp.stack([jnp.sum(x) for x in sets])
 
   def run(trainable, frozen, batches):
     total, count = 0.0, 0.0
     for b in batches:
       l, n = ev(trainable, frozen, place(b) if place else b)
-      total, count = total + float(l), count + float(n)
-    return total / max(count, 1.0)
+      total, count = total + np.asarray(l, np.float64), count + np.asarray(n, np.float64)
+    if adapters is None:
+      return float(total[0] / max(count[0], 1.0))
+    return {name: float(total[k] / count[k]) for k, name in enumerate(adapters)
+            if name is not None and count[k] > 0}
 
   return run
 
@@ -320,21 +400,27 @@ def _train(cfg: Config, mesh, resume: bool, log, progress: bool) -> dict:
     epath.Path(out, "config.yaml").write_text(config_lib.dump(cfg))
 
   lc = cfg.lora
-  try:
-    tree = jaxlora.wrap(params, rank=lc.rank, alpha=lc.alpha, targets=_sel(lc.targets),
-                        exclude=_sel(lc.exclude), rank_pattern=lc.rank_pattern or None,
-                        alpha_pattern=lc.alpha_pattern or None, use_rslora=lc.use_rslora,
-                        init=lc.init, layout=model, key=jax.random.key(cfg.train.seed))
-  except (ValueError, TypeError) as e:
-    raise ConfigError(f"lora: {e}") from None
-  summary = jaxlora.summary(tree)
+  names = adapter_names(cfg, train_ex)  # None: one adapter; else one per data.adapter_field value
+  if names is None:
+    tree = wrap(cfg, params, model, jax.random.key(cfg.train.seed))
+    bank, adapter_index = None, None
+  else:
+    singles = {n: wrap(cfg, params, model, adapter_key(cfg.train.seed, n)) for n in names}
+    bank = jaxlora.stack(singles)
+    tree, adapter_index = bank.tree, {n: i for i, n in enumerate(names)}
+  summary = jaxlora.summary(tree if bank is None else singles[names[0]])
+  n_trainable = summary.trainable * (1 if bank is None else len(names))
   lr_schedule = schedule(cfg)
   tx = optimizer(cfg, lr_schedule)
+  rep = NamedSharding(mesh, PartitionSpec())
   # Adapters follow their kernels' shardings; optimizer state follows its params.
   # The float kernels' shardings (a quantized record's own shardings derive from them).
-  t_sh, f_sh = jaxlora.split(jaxlora.sharding.tree_shardings(
-      tree, jaxlora.sharding.param_shardings(model, mesh, rules(cfg))))
-  rep = NamedSharding(mesh, PartitionSpec())
+  base_sh = jaxlora.sharding.param_shardings(model, mesh, rules(cfg))
+  if bank is None:
+    t_sh, f_sh = jaxlora.split(jaxlora.sharding.tree_shardings(tree, base_sh))
+  else:  # a bank's stacked adapter leaves are small: replicated; base leaves as usual
+    t_sh, f_sh = jaxlora.split(_bank_shardings(
+        tree, jaxlora.sharding.tree_shardings(singles[names[0]], base_sh), rep))
   b_sh = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
   trainable, frozen = jaxlora.split(tree)
   trainable, frozen = jax.device_put(trainable, t_sh), jax.device_put(frozen, f_sh)
@@ -358,7 +444,8 @@ def _train(cfg: Config, mesh, resume: bool, log, progress: bool) -> dict:
   rng = jax.random.key(cfg.train.seed + 1)
   pid = pad_id(tok)
   batcher = data_lib.Batcher(train_ex, cfg.train.batch_size, cfg.data.max_length,
-                             cfg.data.seed, pid, packing=cfg.data.packing)
+                             cfg.data.seed, pid, packing=cfg.data.packing,
+                             adapter_index=adapter_index)
   ckpt = jaxlora.CheckpointManager(run_path(out, "checkpoints"),
                                    max_to_keep=cfg.train.keep_checkpoints,
                                    save_interval_steps=cfg.train.save_every)
@@ -376,16 +463,37 @@ def _train(cfg: Config, mesh, resume: bool, log, progress: bool) -> dict:
     metrics.truncate(start)
     log(f"resuming {out} from step {start}")
   step_fn = make_train_step(model, tx, lc.dropout, (t_sh, o_sh, f_sh, b_sh, rep),
-                            loss_chunk_size=cfg.train.loss_chunk_size)
-  eval_fn = make_eval(model, place, loss_chunk_size=cfg.train.loss_chunk_size)
+                            loss_chunk_size=cfg.train.loss_chunk_size,
+                            capacity=None if bank is None else len(names))
+  ev = make_eval(model, place, loss_chunk_size=cfg.train.loss_chunk_size,
+                 adapters=None if bank is None else tuple(names))
   ebatches = data_lib.eval_batches(eval_ex, cfg.train.batch_size, cfg.data.max_length, pid,
-                                   cfg.train.eval_batches, pad_rows=True)
-  eval_before = None
+                                   cfg.train.eval_batches, pad_rows=True,
+                                   adapter_index=adapter_index)
+  per_adapter = {}  # the latest per-adapter eval losses (data.adapter_field)
+
+  def eval_fn(trainable, frozen, batches):
+    """The eval loss; with a bank, the mean of the adapters' own eval losses."""
+    loss = ev(trainable, frozen, batches)
+    if bank is None:
+      return loss
+    per_adapter.clear()
+    per_adapter.update(loss)
+    return float(np.mean(list(loss.values()))) if loss else None
+
+  def eval_record(step, loss):
+    return {"step": step, "eval_loss": loss,
+            **{f"eval_loss/{n}": v for n, v in per_adapter.items()}}
+
+  eval_before, adapter_eval_before = None, None
   if ebatches and start == 0:
     eval_before = eval_fn(trainable, frozen, ebatches)
-    metrics.write({"step": 0, "eval_loss": eval_before})
-  log(f"training {summary.trainable:,} of {summary.total:,} parameters "
-      f"({100 * summary.trainable_fraction:.3f}%) on {len(train_ex)} examples; run dir {out}")
+    adapter_eval_before = dict(per_adapter) or None
+    metrics.write(eval_record(0, eval_before))
+  log(f"training {n_trainable:,} of {summary.total - summary.trainable + n_trainable:,} "
+      f"parameters ({100 * summary.trainable_fraction:.3f}% per adapter"
+      f"{'' if bank is None else f', {len(names)} adapters: ' + ', '.join(names)}) on "
+      f"{len(train_ex)} examples; run dir {out}")
 
   bar = reporting.Progress(cfg.train.steps, start, enabled=progress)
   t0, tokens, last_loss, last_good = time.time(), 0.0, None, ckpt.latest_step()
@@ -418,7 +526,7 @@ def _train(cfg: Config, mesh, resume: bool, log, progress: bool) -> dict:
                        "elapsed_s": elapsed})
       if ebatches and cfg.train.eval_every and done % cfg.train.eval_every == 0 \
           and done != cfg.train.steps:
-        metrics.write({"step": done, "eval_loss": eval_fn(trainable, frozen, ebatches)})
+        metrics.write(eval_record(done, eval_fn(trainable, frozen, ebatches)))
       if ckpt.save(done, trainable=trainable, opt_state=opt_state, rng=rng,
                    data_state=batcher.state, force=done == cfg.train.steps):
         last_good = done
@@ -429,23 +537,37 @@ def _train(cfg: Config, mesh, resume: bool, log, progress: bool) -> dict:
   tuned = jaxlora.combine(trainable, frozen)
   eval_after = eval_fn(trainable, frozen, ebatches) if ebatches else None
   if eval_after is not None:
-    metrics.write({"step": cfg.train.steps, "eval_loss": eval_after})
+    metrics.write(eval_record(cfg.train.steps, eval_after))
   # Both saves are collective: every process writes its shards (or joins the gather), process 0
   # writes the files.
-  adapter_dir = run_path(out, "adapter")
-  jaxlora.save(adapter_dir, tuned, metadata={"config": cfg.to_dict(), "step": cfg.train.steps})
-  jaxlora.peft.save(run_path(out, "adapter_peft"), tuned, model=model,
-                    base_model_name_or_path=os.path.abspath(cfg.model.path))
+  meta = {"config": cfg.to_dict(), "step": cfg.train.steps}
+  base_path = os.path.abspath(cfg.model.path)
+  if bank is None:
+    adapter_dir = run_path(out, "adapter")
+    jaxlora.save(adapter_dir, tuned, metadata=meta)
+    jaxlora.peft.save(run_path(out, "adapter_peft"), tuned, model=model,
+                      base_model_name_or_path=base_path)
+  else:  # one ordinary adapter per name, loadable alone
+    adapter_dir = run_path(out, "adapters")
+    for name, single in jaxlora.unstack(dataclasses.replace(bank, tree=tuned)).items():
+      jaxlora.save(run_path(out, "adapters", name), single, metadata={**meta, "adapter": name})
+      jaxlora.peft.save(run_path(out, "adapters_peft", name), single, model=model,
+                        base_model_name_or_path=base_path)
   if not main_process:
     return {}
   result = {
       "steps": cfg.train.steps, "final_loss": last_loss, "eval_loss_before": eval_before,
-      "eval_loss_after": eval_after, "trainable_params": summary.trainable,
-      "total_params": summary.total, "train_examples": len(train_ex),
+      "eval_loss_after": eval_after, "trainable_params": n_trainable,
+      "total_params": summary.total - summary.trainable + n_trainable,
+      "train_examples": len(train_ex),
       "adapter_bytes": reporting.du(adapter_dir),
       "base_bytes": sum(x.nbytes for x in jax.tree.leaves(params)),
       "wall_s": time.time() - t0, "last_checkpoint": last_good,
   }
+  if bank is not None:
+    result.update({"adapters": list(names), "adapter_eval_loss_before": adapter_eval_before,
+                   "adapter_eval_loss_after": dict(per_adapter) if eval_after is not None
+                   else None})
   epath.Path(out, "result.json").write_text(json.dumps(result, indent=2))
   reporting.plot(out)
   reporting.write_report(out, cfg, result)
@@ -454,6 +576,56 @@ def _train(cfg: Config, mesh, resume: bool, log, progress: bool) -> dict:
 
 def _sel(value: Any) -> Any:
   return tuple(value) if isinstance(value, list) else value
+
+
+def wrap(cfg: Config, params, model, key):
+  """`jaxlora.wrap` with the run's lora settings."""
+  lc = cfg.lora
+  try:
+    return jaxlora.wrap(params, rank=lc.rank, alpha=lc.alpha, targets=_sel(lc.targets),
+                        exclude=_sel(lc.exclude), rank_pattern=lc.rank_pattern or None,
+                        alpha_pattern=lc.alpha_pattern or None, use_rslora=lc.use_rslora,
+                        init=lc.init, layout=model, key=key)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"lora: {e}") from None
+
+
+def adapter_key(seed: int, name: str) -> jax.Array:
+  """The init key of adapter `name` (data.adapter_field): from train.seed and the name.
+
+  >>> data = lambda name: jax.random.key_data(adapter_key(0, name))
+  >>> bool((data("a") != data("b")).any())
+  True
+  """
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def adapter_names(cfg: Config, examples) -> list[str] | None:
+  """The sorted adapter names of the training rows (data.adapter_field), or None without it."""
+  field = cfg.data.adapter_field
+  if field is None:
+    return None
+  names = sorted({e.adapter for e in examples})
+  for n in names:
+    if not n or n.startswith(".") or "/" in n or "\\" in n:
+      raise ConfigError(f"data.adapter_field '{field}' value {n!r} cannot name an adapter "
+                        "directory (adapters/<name>/); use names without '/' that do not "
+                        "start with '.'")
+  return names
+
+
+def _bank_shardings(bank_tree, single_shardings, replicated):
+  """Shardings of a bank's tree: adapter leaves replicated, the rest as in one adapter's tree."""
+  is_sh = lambda x: isinstance(x, jax.sharding.Sharding)
+  by_path = {jax.tree_util.keystr(p): s for p, s in
+             jax.tree_util.tree_flatten_with_path(single_shardings, is_leaf=is_sh)[0]}
+
+  def pick(path, _):
+    if getattr(path[-1], "key", None) in ("lora_a", "lora_b", "lora_scale"):
+      return replicated
+    return by_path[jax.tree_util.keystr(path)]
+
+  return jax.tree_util.tree_map_with_path(pick, bank_tree)
 
 
 def load_run(run_dir: str):
@@ -465,6 +637,11 @@ def load_run(run_dir: str):
   model, params = load_model(cfg)
   tok = load_tokenizer(cfg.model.path)
   adapter = run_path(run_dir, "adapter")
+  if not epath.Path(adapter).is_dir() and epath.Path(run_path(run_dir, "adapters")).is_dir():
+    names = sorted(p.name for p in epath.Path(run_path(run_dir, "adapters")).iterdir())
+    raise ConfigError(f"{run_dir} trained several adapters ({', '.join(names)}); pass them "
+                      f"with --base {cfg.model.path} --adapter NAME={run_path(run_dir, 'adapters')}"
+                      "/NAME (repeatable)")
   if not epath.Path(adapter).is_dir():
     raise ConfigError(f"{run_dir} has no final adapter yet; finish the run first "
                       "(rerunning the train command resumes it)")

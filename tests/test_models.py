@@ -158,14 +158,17 @@ def test_sharded_and_bf16_checkpoints(tmp_path):
 
 
 def test_remat_and_bf16_compute_run():
+  from jaxlora.models.decoder import REMAT_POLICIES  # pylint: disable=import-outside-toplevel
   hf = _hf_model("qwen3_qk_norm")
   cfg = jaxlora.models.ModelConfig.from_hf(hf.config.to_dict())
   ids, mask = _batch(96)
   ref = None
-  for remat in (None, "full", "dots"):
+  params = jaxlora.models.init(jaxlora.models.Decoder(cfg), jax.random.key(0))
+  # Every policy (host offload included: a no-op on CPU) changes what is saved, not the result.
+  for remat in (None, *REMAT_POLICIES):
     model = jaxlora.models.Decoder(cfg, remat=remat)
-    params = jaxlora.models.init(model, jax.random.key(0))
-    g = jax.grad(lambda p: model.apply({"params": p}, ids, attention_mask=mask).sum())(params)
+    g = jax.jit(jax.grad(
+        lambda p: model.apply({"params": p}, ids, attention_mask=mask).sum()))(params)
     leaf = g["layers"]["mlp"]["up_proj"]["kernel"]
     ref = leaf if ref is None else ref
     np.testing.assert_allclose(leaf, ref, rtol=1e-5, atol=1e-6)
@@ -278,26 +281,3 @@ def test_sliding_window_is_applied(tmp_path):
   assert np.abs(np.asarray(a) - np.asarray(b))[:, 5:].max() > 1e-3  # beyond the window
   np.testing.assert_allclose(np.asarray(a)[0, :4], np.asarray(b)[0, :4], atol=1e-6)
 
-
-def test_every_remat_policy_gives_the_same_lora_gradients():
-  """Remat (including host offload, a no-op on CPU) changes what is saved, never the result."""
-  from jaxlora.models.decoder import REMAT_POLICIES
-  cfg = jaxlora.models.ModelConfig("llama", 64, 32, 2, 4, 2, 8, 64, 128, 1e-6, False)
-  base = jaxlora.models.Decoder(cfg)
-  params = jaxlora.models.init(base, jax.random.key(0))
-  tree = jax.tree.map(lambda x: x + 0.01, jaxlora.wrap(params, rank=2, layout=base,
-                                                       key=jax.random.key(1)))
-  train, frozen = jaxlora.split(tree)
-  ids = jax.random.randint(jax.random.key(2), (2, 16), 0, 64)
-
-  def grads(remat):
-    fwd = jaxlora.apply(jaxlora.models.Decoder(cfg, remat=remat).apply)
-    loss = lambda t: jnp.sum(jnp.tanh(fwd({"params": jaxlora.combine(t, frozen)}, ids)))
-    return jax.jit(jax.grad(loss))(train)
-
-  want = grads(None)
-  for name in REMAT_POLICIES:
-    for g, w in zip(jax.tree.leaves(grads(name)), jax.tree.leaves(want)):
-      np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)
-  with pytest.raises(ValueError, match="remat='offload'; choose one of"):
-    jaxlora.models.Decoder(cfg, remat="offload").init(jax.random.key(0), ids)

@@ -143,24 +143,3 @@ def cmd_merge_adapters(args: argparse.Namespace) -> None:
   ranks = sorted({layer.rank for layer in jaxlora.summary(merged).layers})
   print(f"wrote the {method} combination of {', '.join(adapters)} (rank "
         f"{'/'.join(map(str, ranks))}) to {args.out}", file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> int:
-  """``python -m jaxlora_cli.merge_adapters ARGS``: the subcommand on its own."""
-  parser = add_parser(argparse.ArgumentParser(prog="jaxlora").add_subparsers())
-  parser.prog = "python -m jaxlora_cli.merge_adapters"
-  parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-  args = parser.parse_args(argv)
-  os.environ.setdefault("HF_HUB_OFFLINE", "1")
-  try:
-    cmd_merge_adapters(args)
-  except (ConfigError, FileNotFoundError, ValueError, TypeError) as e:
-    if args.debug:
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -222,7 +222,7 @@ def main():
     del big_trees
     one = lora_bytes(small[names[0]])
     nbytes = lora_bytes(big.tree)
-    ready(jaxlora.bank_set(big, "a1", fresh))  # warm: compiles the eager ops for these shapes
+    ready(jaxlora.bank_set(big, "a1", fresh))  # warm: compiles the slot update for these shapes
     set_times = []
     for i in range(args.reps):
       t = time.perf_counter()

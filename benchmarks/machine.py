@@ -34,3 +34,14 @@ def alternate(timers: dict, reps: int, log=print) -> dict:
     log(f"  rep {rep + 1}/{reps}: " + " ".join(f"{k}={times[k][-1]:.3f}" for k in order),
         flush=True)
   return times
+
+
+def flatten(tree, prefix=()) -> dict:
+  """A nested dict's leaves keyed by their path tuples."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out

@@ -108,11 +108,12 @@ def storage(args) -> dict:
   abstract = nn.unbox(abstract_variables(model7))["params"]
   float_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract))
   # By hand: every 2-D-per-layer kernel except the head (what 'all-linear' quantizes).
-  kernels = {path: x for path, x in _flat(abstract).items()
+  leaves = machine.flatten(abstract)
+  kernels = {path: x for path, x in leaves.items()
              if path[-1] == "kernel" and path[0] != "lm_head"}
   by_hand = sum(record_bytes(x.shape, 1 if path[0] == "layers" else 0)
                 for path, x in kernels.items())
-  by_hand += sum(math.prod(x.shape) * x.dtype.itemsize for path, x in _flat(abstract).items()
+  by_hand += sum(math.prod(x.shape) * x.dtype.itemsize for path, x in leaves.items()
                  if path not in kernels)
   source = "jaxlora.quantize on ShapeDtypeStructs"
   mesh = jaxlora.sharding.make_mesh(fsdp=1, devices=jax.devices()[:1])
@@ -137,16 +138,6 @@ def storage(args) -> dict:
       "llama2_7b_nf4_plan_total": None if plan is None else plan["total"],
       "llama2_7b_bf16_plan_total": None if plan_bf16 is None else plan_bf16["total"],
   }
-
-
-def _flat(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
 
 
 # ----------------------------------------------------------------------------- 2. rss

@@ -159,8 +159,9 @@ def build(args):
 
   # floor: LayerNorm scales only
   is_scale = lambda path: path[-1] == "scale"
-  ln_t = {"/".join(k): v for k, v in _flat(params).items() if is_scale(k)}
-  ln_f = {"/".join(k): v for k, v in _flat(params).items() if not is_scale(k)}
+  leaves = machine.flatten(params)
+  ln_t = {"/".join(k): v for k, v in leaves.items() if is_scale(k)}
+  ln_f = {"/".join(k): v for k, v in leaves.items() if not is_scale(k)}
 
   def floor_loss(t, f, x, y):
     return xent(model.apply({"params": _unflat({**t, **f})}, x), y)
@@ -193,16 +194,6 @@ def build(args):
       "fwd-merged": (fwd_base, merged_params),
   }
   return steps, fwds, (x, y)
-
-
-def _flat(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
 
 
 def _unflat(flat):

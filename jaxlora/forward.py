@@ -60,15 +60,23 @@ def _contract_trailing(x, lead_axes, in_axes, a, b, scale, precision):
   return y.reshape(lead + b.shape[1:])
 
 
+def _dense_axes(module, x):
+  """(leading axes, input axes) of a Dense layer's input."""
+  return list(range(x.ndim - 1)), [x.ndim - 1]
+
+
+def _dense_general_axes(module, x):
+  axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+  axis = sorted(ax % x.ndim for ax in axis)  # the kernel's input axes, as flax orders them
+  return [i for i in range(x.ndim) if i not in axis], axis
+
+
 def _dense(module, args, kwargs, x, a, b, scale):
-  return _contract_trailing(x, range(x.ndim - 1), (x.ndim - 1,), a, b, scale, module.precision)
+  return _contract_trailing(x, *_dense_axes(module, x), a, b, scale, module.precision)
 
 
 def _dense_general(module, args, kwargs, x, a, b, scale):
-  axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-  axis = sorted(ax % x.ndim for ax in axis)  # the kernel's input axes, as flax orders them
-  lead = [i for i in range(x.ndim) if i not in axis]
-  return _contract_trailing(x, lead, axis, a, b, scale, module.precision)
+  return _contract_trailing(x, *_dense_general_axes(module, x), a, b, scale, module.precision)
 
 
 def _einsum_naive(x, a, b, scale, lhs, rhs, out, roles, precision):
@@ -153,16 +161,6 @@ def _quantized_call(module, args, kwargs):
     return clone.apply({"params": params}, x, *other, **kwargs)
 
   return run(own[KERNEL_KEY], rest, x)
-
-
-def _dense_axes(module, x):
-  return list(range(x.ndim - 1)), [x.ndim - 1]
-
-
-def _dense_general_axes(module, x):
-  axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-  axis = sorted(ax % x.ndim for ax in axis)
-  return [i for i in range(x.ndim) if i not in axis], axis
 
 
 # Layer kind -> (batch-leading axes, input axes) of its input, for per-row adapters.

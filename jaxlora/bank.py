@@ -94,6 +94,20 @@ def _adapted(tree: PyTree, name: str) -> dict[str, Mapping]:
   return mods
 
 
+def _kernel_shapes(params: Mapping) -> dict[str, tuple[int, ...]]:
+  return {_tree.join(p): tuple(m[KERNEL_KEY].shape) for p, m in _tree.kernel_modules(params)}
+
+
+def _check_base(name: str, params: Mapping, base: Mapping, than: str, where: str) -> None:
+  """Raises unless ``params`` has the kernels (paths and shapes) of ``base``."""
+  theirs, mine = _kernel_shapes(params), _kernel_shapes(base)
+  if theirs != mine:
+    diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))[0]
+    raise ValueError(f"adapter {name!r} is on a different base{than}: kernel {diff!r} is "
+                     f"{theirs.get(diff)} there and {mine.get(diff)} {where}. A bank holds "
+                     "adapters of one base model.")
+
+
 def _n_stack(mod: Mapping) -> int:
   return jnp.ndim(mod[SCALE_KEY])
 
@@ -134,17 +148,10 @@ def stack(trees: Mapping[str, PyTree], *, capacity: int | None = None,
     raise ValueError(f"capacity={capacity} is smaller than the {len(names)} adapters given.")
   first = names[0]
   base = _tree.get_params(trees[first])
-  kernels = {_tree.join(p): tuple(m[KERNEL_KEY].shape) for p, m in _tree.kernel_modules(base)}
   mods = {}
   for name in names:
     params = _tree.get_params(trees[name])
-    theirs = {_tree.join(p): tuple(m[KERNEL_KEY].shape) for p, m in _tree.kernel_modules(params)}
-    if theirs != kernels:
-      diff = sorted(k for k in set(theirs) | set(kernels) if theirs.get(k) != kernels.get(k))
-      raise ValueError(
-          f"adapter {name!r} is on a different base than {first!r}: kernel {diff[0]!r} is "
-          f"{theirs.get(diff[0])} there and {kernels.get(diff[0])} in {first!r}. A bank "
-          "holds adapters of one base model.")
+    _check_base(name, params, base, f" than {first!r}", f"in {first!r}")
     mods[name] = _adapted(params, name)
   ranks = [m[A_KEY].shape[-1] for ms in mods.values() for m in ms.values()]
   max_rank = max(ranks) if max_rank is None else max_rank
@@ -262,12 +269,7 @@ def bank_set(bank: Bank, name: str, tree: PyTree) -> Bank:
                      f"replace one of them, or stack(..., capacity=) a larger bank.")
   params = _tree.get_params(bank.tree)
   theirs = _tree.get_params(tree)
-  mine = {_tree.join(p): tuple(m[KERNEL_KEY].shape) for p, m in _tree.kernel_modules(params)}
-  other = {_tree.join(p): tuple(m[KERNEL_KEY].shape) for p, m in _tree.kernel_modules(theirs)}
-  if mine != other:
-    diff = sorted(k for k in set(mine) | set(other) if mine.get(k) != other.get(k))
-    raise ValueError(f"adapter {name!r} is on a different base: kernel {diff[0]!r} is "
-                     f"{other.get(diff[0])} there and {mine.get(diff[0])} in the bank.")
+  _check_base(name, theirs, params, "", "in the bank")
   mods = _adapted(theirs, name)
   bank_mods = {_tree.join(p): (p, m) for p, m in _tree.adapter_modules(params)}
   extra = sorted(set(mods) - set(bank_mods))

@@ -139,6 +139,10 @@ def plan(requested: str, *, packed: bool, cache: bool, window: int | None, dtype
 
 
 def log_fallback(requested: str, chosen: Plan) -> None:
+  """Logs why `plan` ran the XLA path (INFO for ``'auto'``, WARNING for an explicit choice).
+
+  >>> log_fallback("auto", Plan("xla", "KV-cache decoding uses the XLA path"))  # logged, no return
+  """
   if chosen.reason:
     level = logging.INFO if requested == "auto" else logging.WARNING
     logger.log(level, "attention=%r runs on the XLA path: %s.", requested, chosen.reason)
@@ -146,7 +150,12 @@ def log_fallback(requested: str, chosen: Plan) -> None:
 
 def xla_mask(q_slot: Array, k_slot: Array, key_valid: Array, window: int | None,
              segment_ids: Array | None = None) -> Array:
-  """The dense ``(batch, 1, q, k)`` mask: causal over slots, window, padding, segments."""
+  """The dense ``(batch, 1, q, k)`` mask: causal over slots, window, padding, segments.
+
+  >>> m = xla_mask(jnp.arange(3), jnp.arange(3), jnp.array([[True, True, False]]), window=2)
+  >>> m[0, 0].astype(int).tolist()
+  [[1, 0, 0], [1, 1, 0], [0, 1, 0]]
+  """
   allowed = k_slot[None, :] <= q_slot[:, None]
   if window is not None:
     allowed &= q_slot[:, None] - k_slot[None, :] < window
@@ -169,7 +178,11 @@ def compact(valid: Array) -> tuple[Array, Array, Array]:
 
 
 def gather_rows(x: Array, index: Array) -> Array:
-  """``x[b, index[b]]`` for ``x`` of shape ``(batch, seq, ...)``."""
+  """``x[b, index[b]]`` for ``x`` of shape ``(batch, seq, ...)``.
+
+  >>> gather_rows(jnp.array([[10, 11, 12]]), jnp.array([[2, 0, 1]])).tolist()
+  [[12, 10, 11]]
+  """
   return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 

@@ -1,5 +1,6 @@
 """jaxlora: LoRA fine-tuning for JAX/Flax param trees."""
 
+from jaxlora import errors
 from jaxlora import models
 from jaxlora import peft
 from jaxlora import quantization
@@ -30,6 +31,7 @@ __all__ = [
     "bank_set",
     "combine",
     "dequantize",
+    "errors",
     "generate",
     "layout",
     "load",

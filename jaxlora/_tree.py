@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+from jaxlora.errors import InputError, InputTypeError
 
 A_KEY = "lora_a"
 B_KEY = "lora_b"
@@ -23,7 +24,7 @@ def is_variables(tree: Any) -> bool:
 def get_params(tree: Mapping) -> Mapping:
   """Returns the `params` collection, accepting both variables and params dicts."""
   if not isinstance(tree, Mapping):
-    raise TypeError(
+    raise InputTypeError(
         f"Expected a Flax param tree (a nested dict), got {type(tree).__name__}. "
         "Pass `variables['params']` or the variables dict returned by `model.init`.")
   return tree["params"] if is_variables(tree) else tree
@@ -91,7 +92,7 @@ def merge_trees(a: Mapping, b: Mapping, path: Path = ()) -> dict:
       if isinstance(out[k], Mapping) and isinstance(v, Mapping):
         out[k] = merge_trees(out[k], v, path + (k,))
       else:
-        raise ValueError(
+        raise InputError(
             f"Both trees hold a leaf at '{join(path + (k,))}'; combine expects the "
             "two halves returned by `jaxlora.split`.")
     else:

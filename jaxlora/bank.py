@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxlora import _tree
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
+from jaxlora.errors import InputError, InputTypeError
 
 PyTree = Any
 
@@ -81,7 +82,7 @@ class Bank:
       elif name in self.names:
         out.append(self.names.index(name))
       else:
-        raise ValueError(f"no adapter named {name!r} in the bank; it holds "
+        raise InputError(f"no adapter named {name!r} in the bank; it holds "
                          f"{', '.join(map(repr, self.adapters)) or 'none'}.")
     return jnp.asarray(out, jnp.int32)
 
@@ -90,7 +91,7 @@ def _adapted(tree: PyTree, name: str) -> dict[str, Mapping]:
   params = _tree.get_params(tree)
   mods = {_tree.join(p): m for p, m in _tree.adapter_modules(params)}
   if not mods:
-    raise ValueError(f"adapter {name!r} holds no LoRA leaves; pass trees from jaxlora.wrap.")
+    raise InputError(f"adapter {name!r} holds no LoRA leaves; pass trees from jaxlora.wrap.")
   return mods
 
 
@@ -103,7 +104,7 @@ def _check_base(name: str, params: Mapping, base: Mapping, than: str, where: str
   theirs, mine = _kernel_shapes(params), _kernel_shapes(base)
   if theirs != mine:
     diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))[0]
-    raise ValueError(f"adapter {name!r} is on a different base{than}: kernel {diff!r} is "
+    raise InputError(f"adapter {name!r} is on a different base{than}: kernel {diff!r} is "
                      f"{theirs.get(diff)} there and {mine.get(diff)} {where}. A bank holds "
                      "adapters of one base model.")
 
@@ -138,14 +139,14 @@ def stack(trees: Mapping[str, PyTree], *, capacity: int | None = None,
   ((4, 4, 2), ('a', 'b', None, None))
   """
   if not trees:
-    raise ValueError("stack() needs at least one adapter tree: {'name': tree, ...}.")
+    raise InputError("stack() needs at least one adapter tree: {'name': tree, ...}.")
   names = list(trees)
   for n in names:
     if not isinstance(n, str):
-      raise TypeError(f"adapter names must be strings, got {n!r}.")
+      raise InputTypeError(f"adapter names must be strings, got {n!r}.")
   capacity = len(names) if capacity is None else capacity
   if capacity < len(names):
-    raise ValueError(f"capacity={capacity} is smaller than the {len(names)} adapters given.")
+    raise InputError(f"capacity={capacity} is smaller than the {len(names)} adapters given.")
   first = names[0]
   base = _tree.get_params(trees[first])
   mods = {}
@@ -156,7 +157,7 @@ def stack(trees: Mapping[str, PyTree], *, capacity: int | None = None,
   ranks = [m[A_KEY].shape[-1] for ms in mods.values() for m in ms.values()]
   max_rank = max(ranks) if max_rank is None else max_rank
   if max_rank < max(ranks):
-    raise ValueError(f"max_rank={max_rank} is below the largest adapter rank {max(ranks)}.")
+    raise InputError(f"max_rank={max_rank} is below the largest adapter rank {max(ranks)}.")
   paths = sorted({p for ms in mods.values() for p in ms})
   entries: dict[str, dict[str, _Entry]] = {n: {} for n in names}
   new_modules = {}
@@ -177,7 +178,7 @@ def stack(trees: Mapping[str, PyTree], *, capacity: int | None = None,
       if m is None:
         continue
       if tuple(m[A_KEY].shape[:ns]) != stack_shape or tuple(m[A_KEY].shape[ns:-1]) != a_mid:
-        raise ValueError(f"adapter {name!r} at {path!r}: lora_a {tuple(m[A_KEY].shape)} does "
+        raise InputError(f"adapter {name!r} at {path!r}: lora_a {tuple(m[A_KEY].shape)} does "
                          f"not fit the bank's {stack_shape + a_mid + ('r',)}.")
       r = m[A_KEY].shape[-1]
       idx = (slice(None),) * ns + (slot,)
@@ -223,8 +224,8 @@ def unstack(bank: Bank) -> dict[str, PyTree]:
   True
   """
   if not isinstance(bank, Bank):
-    raise TypeError(f"unstack() takes a jaxlora Bank (from jaxlora.stack), got "
-                    f"{type(bank).__name__}.")
+    raise InputTypeError(f"unstack() takes a jaxlora Bank (from jaxlora.stack), got "
+                         f"{type(bank).__name__}.")
   params = _tree.get_params(bank.tree)
   out = {}
   for slot, name in enumerate(bank.names):
@@ -259,13 +260,13 @@ def bank_set(bank: Bank, name: str, tree: PyTree) -> Bank:
   ('a', 'b')
   """
   if not isinstance(bank, Bank):
-    raise TypeError(f"bank_set() takes a jaxlora Bank, got {type(bank).__name__}.")
+    raise InputTypeError(f"bank_set() takes a jaxlora Bank, got {type(bank).__name__}.")
   if name in bank.names:
     slot = bank.names.index(name)
   elif None in bank.names:
     slot = bank.names.index(None)
   else:
-    raise ValueError(f"the bank is full ({bank.capacity} adapters: {', '.join(bank.adapters)}); "
+    raise InputError(f"the bank is full ({bank.capacity} adapters: {', '.join(bank.adapters)}); "
                      f"replace one of them, or stack(..., capacity=) a larger bank.")
   params = _tree.get_params(bank.tree)
   theirs = _tree.get_params(tree)
@@ -274,7 +275,7 @@ def bank_set(bank: Bank, name: str, tree: PyTree) -> Bank:
   bank_mods = {_tree.join(p): (p, m) for p, m in _tree.adapter_modules(params)}
   extra = sorted(set(mods) - set(bank_mods))
   if extra:
-    raise ValueError(f"adapter {name!r} targets {extra[0]!r}, which no adapter in the bank "
+    raise InputError(f"adapter {name!r} targets {extra[0]!r}, which no adapter in the bank "
                      "targets, so the bank has no slot there; stack() it with the others.")
   entries = {}
   olds, news, axes, paths = [], [], [], []
@@ -289,11 +290,11 @@ def bank_set(bank: Bank, name: str, tree: PyTree) -> Bank:
     else:
       r = m[A_KEY].shape[-1]
       if r > bank.max_rank:
-        raise ValueError(f"adapter {name!r} has rank {r} at {key!r}, above the bank's "
+        raise InputError(f"adapter {name!r} has rank {r} at {key!r}, above the bank's "
                          f"max_rank={bank.max_rank}; stack(..., max_rank=) a larger bank.")
       want = tuple(a.shape[:ns]) + tuple(a.shape[ns + 1:-1])
       if tuple(m[A_KEY].shape[:-1]) != want:
-        raise ValueError(f"adapter {name!r} at {key!r}: lora_a {tuple(m[A_KEY].shape)} does "
+        raise InputError(f"adapter {name!r} at {key!r}: lora_a {tuple(m[A_KEY].shape)} does "
                          f"not fit the bank's {want + ('r',)}.")
       pad_a = [(0, 0)] * (m[A_KEY].ndim - 1) + [(0, bank.max_rank - r)]
       pad_b = [(0, 0)] * ns + [(0, bank.max_rank - r)] + [(0, 0)] * (m[B_KEY].ndim - ns - 1)

@@ -19,6 +19,7 @@ from jaxlora import kernel_layout as layout_lib
 from jaxlora import sharding as sharding_lib
 from jaxlora import transform
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
+from jaxlora.errors import CheckpointError, InputTypeError, NotFoundError
 
 RECORD = "jaxlora.json"
 ARRAYS = "adapter"
@@ -94,11 +95,11 @@ def save(path: str, tree: Any, *, metadata: dict | None = None) -> None:
   """
   adapter = transform.adapter(tree)
   if not jax.tree.leaves(adapter):
-    raise ValueError("The tree holds no adapter; nothing to save. Call jaxlora.wrap first.")
+    raise CheckpointError("The tree holds no adapter; nothing to save. Call jaxlora.wrap first.")
   try:
     record = json.dumps(_record(tree, metadata), indent=2, sort_keys=True)
   except TypeError as e:
-    raise TypeError(f"`metadata` must be JSON-serialisable: {e}") from None
+    raise InputTypeError(f"`metadata` must be JSON-serialisable: {e}") from None
   path = _as_path(path)
   token = _multihost.shared_token()
   tmp = path.parent / f".{path.name}.tmp-{token}"
@@ -141,16 +142,16 @@ def info(path: str) -> dict:
   """
   rec = _as_path(path) / RECORD
   if not rec.parent.is_dir():
-    raise FileNotFoundError(f"No adapter checkpoint at {os.fspath(path)!r}.")
+    raise NotFoundError(f"No adapter checkpoint at {os.fspath(path)!r}.")
   if not rec.is_file():
-    raise ValueError(f"{os.fspath(path)!r} is not a complete jaxlora checkpoint: {RECORD} is "
-                     "missing (an interrupted save, or not a jaxlora adapter).")
+    raise CheckpointError(f"{os.fspath(path)!r} is not a complete jaxlora checkpoint: {RECORD} is "
+                          "missing (an interrupted save, or not a jaxlora adapter).")
   try:
     out = json.loads(rec.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{rec} is corrupt: {e}.") from None
+    raise CheckpointError(f"{rec} is corrupt: {e}.") from None
   if out.get("format") != FORMAT or "layers" not in out:
-    raise ValueError(f"{rec}: unknown checkpoint format {out.get('format')!r}.")
+    raise CheckpointError(f"{rec}: unknown checkpoint format {out.get('format')!r}.")
   return out
 
 
@@ -186,24 +187,24 @@ def load(path: str, base_params: Any, *, shardings: Any = None) -> Any:
   rec = info(path)
   p = _tree.get_params(base_params)
   if _tree.adapter_modules(p):
-    raise ValueError("`base_params` already hold an adapter; pass the unwrapped base params.")
+    raise CheckpointError("`base_params` already hold an adapter; pass the unwrapped base params.")
   abstract_mods = {}
   for lpath, layer in sorted(rec["layers"].items()):
     path_t = tuple(lpath.split("/")) if lpath else ()
     node = p
     for k in path_t:
       if not isinstance(node, dict) or k not in node:
-        raise ValueError(f"The adapter in {path!r} has a layer '{lpath}' that the base params "
-                         f"do not have (kernel {tuple(layer['kernel_shape'])}); it was trained "
-                         "on another model.")
+        shape = tuple(layer["kernel_shape"])
+        raise CheckpointError(f"The adapter in {path!r} has a layer '{lpath}' that the base params "
+                              f"do not have (kernel {shape}); it was trained on another model.")
       node = node[k]
     kernel = node.get(KERNEL_KEY) if isinstance(node, dict) else None
     if kernel is None:
-      raise ValueError(f"The base params have no kernel at '{lpath}/kernel'.")
+      raise CheckpointError(f"The base params have no kernel at '{lpath}/kernel'.")
     want = tuple(layer["kernel_shape"])
     if tuple(kernel.shape) != want:
-      raise ValueError(f"Adapter layer '{lpath}' was trained on a kernel of shape {want}; the "
-                       f"base params have '{lpath}/kernel' with shape {tuple(kernel.shape)}.")
+      raise CheckpointError(f"Adapter layer '{lpath}' was trained on a kernel of shape {want}; the "
+                            f"base params have '{lpath}/kernel' with shape {tuple(kernel.shape)}.")
     dt = jnp.dtype(layer["dtype"])
     scale_shape = np.shape(layer["scale"])
     abstract_mods[path_t] = dict(node, **{
@@ -223,8 +224,8 @@ def load(path: str, base_params: Any, *, shardings: Any = None) -> Any:
     with ocp.StandardCheckpointer() as ckptr:
       restored = ckptr.restore(arrays_dir, abstract)
   except Exception as e:  # Orbax raises many types; say which file and why
-    raise ValueError(f"Could not read the adapter arrays in {arrays_dir}: "
-                     f"{type(e).__name__}: {e}") from e
+    raise CheckpointError(f"Could not read the adapter arrays in {arrays_dir}: "
+                          f"{type(e).__name__}: {e}") from e
   return _tree.with_params(base_params, _tree.merge_trees(p, restored))
 
 
@@ -333,7 +334,7 @@ class CheckpointManager:
     if step is None:
       step = self._mgr.latest_step()
     if step is None:
-      raise FileNotFoundError(f"No finalised checkpoint in {self.directory!r}.")
+      raise NotFoundError(f"No finalised checkpoint in {self.directory!r}.")
     meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def template(x):

@@ -48,6 +48,7 @@ import numpy as np
 from jaxlora import _tree
 from jaxlora import kernel_layout as layout_lib
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
+from jaxlora.errors import InputError, InputTypeError
 
 PyTree = Any
 
@@ -126,7 +127,7 @@ def merge_adapters(trees: Mapping[str, PyTree] | Sequence[PyTree], weights: Sequ
   True
   """
   if method not in METHODS:
-    raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    raise InputError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
   names, tree_list = _named(trees, "trees")
   _check_options(method, density, majority_sign_method, svd_rank, svd_clamp, svd_full_matrices,
                  key, masks)
@@ -169,13 +170,13 @@ def _named(trees: Any, what: str) -> tuple[list[str], list[Any]]:
   if isinstance(trees, Mapping):
     if (_tree.is_variables(trees) or any(k in trees for k in _tree.ADAPTER_KEYS + (KERNEL_KEY,))
         or not all(isinstance(v, Mapping) and A_KEY not in v for v in trees.values())):
-      raise TypeError(f"`{what}` looks like a single param tree; pass several as a list "
-                      f"[tree_a, tree_b] or a dict {{'a': tree_a, 'b': tree_b}}.")
+      raise InputTypeError(f"`{what}` looks like a single param tree; pass several as a list "
+                           f"[tree_a, tree_b] or a dict {{'a': tree_a, 'b': tree_b}}.")
     return [f"{what}[{k!r}]" for k in trees], list(trees.values())
   if isinstance(trees, (list, tuple)):
     return [f"{what}[{i}]" for i in range(len(trees))], list(trees)
-  raise TypeError(f"`{what}` must be a list of wrapped trees or a {{name: tree}} dict, got "
-                  f"{type(trees).__name__}.")
+  raise InputTypeError(f"`{what}` must be a list of wrapped trees or a {{name: tree}} dict, got "
+                       f"{type(trees).__name__}.")
 
 
 def _masks_like(masks: Any, trees: Any) -> list[Any]:
@@ -183,11 +184,11 @@ def _masks_like(masks: Any, trees: Any) -> list[Any]:
   if isinstance(trees, Mapping):
     if not isinstance(masks, Mapping) or set(masks) != set(trees):
       got = sorted(masks) if isinstance(masks, Mapping) else type(masks).__name__
-      raise ValueError(f"`masks` must be a dict with the keys of `trees` ({sorted(trees)}), "
+      raise InputError(f"`masks` must be a dict with the keys of `trees` ({sorted(trees)}), "
                        f"got {got}.")
     return [masks[k] for k in trees]
   if not isinstance(masks, (list, tuple)) or len(masks) != len(trees):
-    raise ValueError(f"`masks` must be a list of {len(trees)} mask trees, one per tree.")
+    raise InputError(f"`masks` must be a list of {len(trees)} mask trees, one per tree.")
   return list(masks)
 
 
@@ -205,51 +206,51 @@ def _check_options(method, density, majority_sign_method, svd_rank, svd_clamp,
   if extra:
     users = {"density": _DENSITY, "svd_rank": _SVD, "svd_clamp": _SVD, "svd_full_matrices": _SVD,
              "majority_sign_method": _SIGN, "key": _RANDOM, "masks": _RANDOM}[extra[0]]
-    raise ValueError(f"method={method!r} does not take `{extra[0]}`; it is for "
+    raise InputError(f"method={method!r} does not take `{extra[0]}`; it is for "
                      f"{', '.join(m for m in METHODS if m in users)}. Remove it or pick one of "
                      "those.")
   if method in _DENSITY:
     if density is None:
-      raise ValueError(f"method={method!r} needs `density`, the fraction of entries kept "
+      raise InputError(f"method={method!r} needs `density`, the fraction of entries kept "
                        "(0 < density <= 1), e.g. density=0.5.")
     if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
-      raise ValueError(f"`density` must be a number in (0, 1], got {density!r}.")
+      raise InputError(f"`density` must be a number in (0, 1], got {density!r}.")
   if majority_sign_method not in ("total", "frequency"):
-    raise ValueError("`majority_sign_method` must be 'total' or 'frequency', got "
+    raise InputError("`majority_sign_method` must be 'total' or 'frequency', got "
                      f"{majority_sign_method!r}.")
   if svd_rank is not None and (isinstance(svd_rank, bool)
                                or not isinstance(svd_rank, numbers.Integral) or svd_rank <= 0):
-    raise ValueError(f"`svd_rank` must be a positive integer, got {svd_rank!r}.")
+    raise InputError(f"`svd_rank` must be a positive integer, got {svd_rank!r}.")
   if svd_clamp is not None and (isinstance(svd_clamp, bool) or
                                 not isinstance(svd_clamp, numbers.Real) or not 0 <= svd_clamp <= 1):
-    raise ValueError(f"`svd_clamp` is a quantile in [0, 1], got {svd_clamp!r}.")
+    raise InputError(f"`svd_clamp` is a quantile in [0, 1], got {svd_clamp!r}.")
   if method in _RANDOM:
     if key is None and masks is None:
-      raise ValueError(f"method={method!r} drops entries at random: pass a PRNG key "
+      raise InputError(f"method={method!r} drops entries at random: pass a PRNG key "
                        "(key=jax.random.key(0)) or the masks themselves (masks=...).")
     if key is not None and masks is not None:
-      raise ValueError("Pass either `key` (masks drawn at random) or `masks`, not both.")
+      raise InputError("Pass either `key` (masks drawn at random) or `masks`, not both.")
 
 
 def _weights(weights: Any, names: list[str]) -> list[float]:
   if (isinstance(weights, (Mapping, str, bytes))
       or not isinstance(weights, (Sequence, np.ndarray, jax.Array))):
-    raise TypeError(f"`weights` must be a list of floats, one per adapter, got "
-                    f"{type(weights).__name__}.")
+    raise InputTypeError(f"`weights` must be a list of floats, one per adapter, got "
+                         f"{type(weights).__name__}.")
   ws = list(weights)
   if len(ws) != len(names):
-    raise ValueError(f"Got {len(ws)} weights for {len(names)} adapters ({', '.join(names)}); "
+    raise InputError(f"Got {len(ws)} weights for {len(names)} adapters ({', '.join(names)}); "
                      "pass one weight per adapter, in the same order.")
   if not names:
-    raise ValueError("No adapters to combine; pass at least one wrapped tree.")
+    raise InputError("No adapters to combine; pass at least one wrapped tree.")
   out = []
   for name, w in zip(names, ws):
     try:
       w = float(w)
     except (TypeError, ValueError):
-      raise TypeError(f"The weight of {name} must be a number, got {w!r}.") from None
+      raise InputTypeError(f"The weight of {name} must be a number, got {w!r}.") from None
     if not math.isfinite(w):
-      raise ValueError(f"The weight of {name} is {w}; weights must be finite.")
+      raise InputError(f"The weight of {name} is {w}; weights must be finite.")
     out.append(w)
   return out
 
@@ -261,7 +262,7 @@ def _matched_modules(names: list[str], params: list[Mapping], *,
   for name, p in zip(names, params):
     mods = dict(_tree.adapter_modules(p))
     if not mods:
-      raise ValueError(f"{name} holds no adapter (no 'lora_a' leaves); pass trees returned by "
+      raise InputError(f"{name} holds no adapter (no 'lora_a' leaves); pass trees returned by "
                        "jaxlora.wrap or jaxlora.peft.load, as a list or a {name: tree} dict.")
     per_tree.append(mods)
   first = per_tree[0]
@@ -270,7 +271,7 @@ def _matched_modules(names: list[str], params: list[Mapping], *,
     only_here = sorted(set(mods) - set(first))
     if only_first or only_here:
       which, path = ((names[0], only_first[0]) if only_first else (name, only_here[0]))
-      raise ValueError(
+      raise InputError(
           f"{names[0]} and {name} adapt different layers: only {which} has an adapter at "
           f"'{_tree.join(path)}'. Combine adapters made with the same targets (wrap the "
           "missing layer too; zero B factors leave its function unchanged).")
@@ -287,10 +288,10 @@ def _check_layer(names: list[str], path: str, mods: list[Mapping], *, same_rank:
   for key_name in (A_KEY, B_KEY, SCALE_KEY):
     for name, m in zip(names, mods):
       if key_name not in m:
-        raise ValueError(f"{name}: the adapter at '{path}' lacks '{key_name}'.")
+        raise InputError(f"{name}: the adapter at '{path}' lacks '{key_name}'.")
   kernel = ref.get(KERNEL_KEY)
   if kernel is None:
-    raise ValueError(f"{names[0]} has no kernel at '{path}/kernel'; the first tree must be a "
+    raise InputError(f"{names[0]} has no kernel at '{path}/kernel'; the first tree must be a "
                      "whole wrapped tree (the others may be adapter-only).")
   a0, b0 = ref[A_KEY], ref[B_KEY]
   s0 = jnp.shape(ref[SCALE_KEY])
@@ -301,12 +302,12 @@ def _check_layer(names: list[str], path: str, mods: list[Mapping], *, same_rank:
     if other is not None:
       if (tuple(other.shape) != tuple(kernel.shape)
           or jnp.dtype(other.dtype) != jnp.dtype(kernel.dtype)):
-        raise ValueError(
+        raise InputError(
             f"{name} and {names[0]} have different bases at '{path}': kernel "
             f"{tuple(other.shape)} {jnp.dtype(other.dtype)} against {tuple(kernel.shape)} "
             f"{jnp.dtype(kernel.dtype)}. Combine adapters of one base model.")
       if not _same_values(other, kernel):
-        raise ValueError(
+        raise InputError(
             f"{name} and {names[0]} have different base kernels at '{path}/kernel' (same shape, "
             "other values). Combine adapters of one base model, or pass jaxlora.adapter(tree) "
             "for the others if their bases are meant to be the same.")
@@ -315,12 +316,12 @@ def _check_layer(names: list[str], path: str, mods: list[Mapping], *, same_rank:
     except ValueError:
       roles = None
     if roles != roles0 or tuple(s) != tuple(s0):
-      raise ValueError(
+      raise InputError(
           f"{name}'s adapter at '{path}' (lora_a {tuple(a.shape)}, lora_b {tuple(b.shape)}, "
           f"lora_scale {tuple(s)}) does not fit {names[0]}'s (lora_a {tuple(a0.shape)}, lora_b "
           f"{tuple(b0.shape)}, lora_scale {tuple(s0)}); the adapters belong to different models.")
     if same_rank and a.shape[-1] != a0.shape[-1]:
-      raise ValueError(
+      raise InputError(
           f"At '{path}' {name} has rank {a.shape[-1]} and {names[0]} rank {a0.shape[-1]}: "
           "linear, ties, dare_linear, dare_ties and magnitude_prune combine the factors "
           "entry by entry and need equal ranks. Use method='cat' or an svd method "
@@ -575,16 +576,16 @@ def _given_masks(method: str, adapter: int, name: str, layer: _Layer, path_t: tu
   for part in path_t:
     node = node.get(part) if isinstance(node, Mapping) else None
   if not isinstance(node, Mapping):
-    raise ValueError(f"The masks for {name} have no entry for the layer '{layer.path}'; give "
+    raise InputError(f"The masks for {name} have no entry for the layer '{layer.path}'; give "
                      f"{' and '.join(repr(k) for k, _ in wanted)} masks there.")
   out = []
   for mask_key, shape in wanted:
     if mask_key not in node:
-      raise ValueError(f"The masks for {name} at '{layer.path}' lack {mask_key!r} (a mask of "
+      raise InputError(f"The masks for {name} at '{layer.path}' lack {mask_key!r} (a mask of "
                        f"shape {shape}).")
     m = node[mask_key]
     if tuple(jnp.shape(m)) != tuple(shape):
-      raise ValueError(f"The {mask_key!r} mask for {name} at '{layer.path}' has shape "
+      raise InputError(f"The {mask_key!r} mask for {name} at '{layer.path}' has shape "
                        f"{tuple(jnp.shape(m))}; {method} needs {tuple(shape)}.")
     out.append(jnp.asarray(m))
   return tuple(out)

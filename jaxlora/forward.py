@@ -23,6 +23,7 @@ from jaxlora import _tree
 from jaxlora import kernel_layout as layout_lib
 from jaxlora import quantization
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
+from jaxlora.errors import InputError, InputTypeError
 
 
 # Performance note (measured on XLA:CPU, GPT-2-small shapes, rank 16): the rank-r
@@ -177,19 +178,19 @@ def _row_term(module, x, a, b, scale, ids):
   path = _tree.join(module.path)
   axes_fn = next((_ROW_AXES[c] for c in type(module).__mro__ if c in _ROW_AXES), None)
   if axes_fn is None:
-    raise ValueError(f"'{path}' ({type(module).__name__}) holds an adapter bank, but per-row "
+    raise InputError(f"'{path}' ({type(module).__name__}) holds an adapter bank, but per-row "
                      "adapters run on nn.Dense and nn.DenseGeneral layers only; leave this "
                      "layer out of the bank's adapters.")
   lead, ins = axes_fn(module, x)
   n = scale.shape[0]
   if not lead or lead[0] != 0 or x.shape[0] != ids.shape[0]:
-    raise ValueError(f"'{path}': adapter_ids has {ids.shape[0]} rows but the layer's input is "
+    raise InputError(f"'{path}': adapter_ids has {ids.shape[0]} rows but the layer's input is "
                      f"{tuple(x.shape)}; per-row adapters need the batch axis first, one id "
                      "per row.")
   if not isinstance(ids, jax.core.Tracer):
     bad = [int(i) for i in jax.device_get(ids) if not -1 <= int(i) < n]
     if bad:
-      raise ValueError(f"adapter_ids holds {bad[0]}, out of range for a bank of {n} adapters "
+      raise InputError(f"adapter_ids holds {bad[0]}, out of range for a bank of {n} adapters "
                        "(-1 is the base alone).")
   rows = x.shape[0]
   xt = jnp.transpose(x, lead + ins) if lead + ins != list(range(x.ndim)) else x
@@ -229,7 +230,7 @@ def _make_interceptor(dropout: float, reached: set[str], adapter_ids=None):
       x = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
     if scale.ndim == 1:  # a bank: one scale per adapter (stacked layer axes are sliced off)
       if adapter_ids is None:
-        raise ValueError(f"'{_tree.join(module.path)}' holds an adapter bank of "
+        raise InputError(f"'{_tree.join(module.path)}' holds an adapter bank of "
                          f"{scale.shape[0]} adapters: call with adapter_ids= (one id per row; "
                          "Bank.ids(names) makes them).")
       return y + _row_term(module, x, a, b, scale, jnp.asarray(adapter_ids)).astype(dt)
@@ -279,9 +280,9 @@ def apply(apply_fn: Callable[..., Any], *, dropout: float = 0.0,
   True
   """
   if not callable(apply_fn):
-    raise TypeError(f"`apply_fn` must be callable (e.g. model.apply), got {apply_fn!r}.")
+    raise InputTypeError(f"`apply_fn` must be callable (e.g. model.apply), got {apply_fn!r}.")
   if not 0.0 <= dropout < 1.0:
-    raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
+    raise InputError(f"`dropout` must be in [0, 1), got {dropout!r}.")
 
   @functools.wraps(apply_fn)
   def lora_apply(*args, adapter_ids=None, **kwargs):
@@ -289,7 +290,7 @@ def apply(apply_fn: Callable[..., Any], *, dropout: float = 0.0,
     if adapter_ids is not None:
       adapter_ids = jnp.asarray(adapter_ids)
       if adapter_ids.ndim != 1 or not jnp.issubdtype(adapter_ids.dtype, jnp.integer):
-        raise ValueError(f"adapter_ids must be an integer array of shape (batch,), got "
+        raise InputError(f"adapter_ids must be an integer array of shape (batch,), got "
                          f"{adapter_ids.dtype} {tuple(adapter_ids.shape)}.")
     with nn.intercept_methods(_make_interceptor(dropout, reached, adapter_ids)):
       out = apply_fn(*args, **kwargs)
@@ -299,7 +300,7 @@ def apply(apply_fn: Callable[..., Any], *, dropout: float = 0.0,
       have = {_tree.join(p) for p, _ in _tree.adapter_modules(params)}
       missed = sorted(have - reached)
       if missed:
-        raise ValueError(
+        raise InputError(
             f"Adapters at {missed[:5]} were never reached: no nn.Dense, nn.DenseGeneral or "
             "nn.Einsum call used them (a custom layer doing its own matmul?). Exclude them "
             "when wrapping, or run the model on `jaxlora.merge(tree)` (merge on the fly), "

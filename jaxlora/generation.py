@@ -13,6 +13,7 @@ from jaxlora import bank as bank_lib
 from jaxlora import forward
 from jaxlora import quantization
 from jaxlora.models.decoder import Decoder, init_cache
+from jaxlora.errors import InputError, InputTypeError
 
 
 def _sample(logits, key, temperature, top_p):
@@ -90,26 +91,30 @@ def generate(model: Decoder, params: Any, input_ids: Any, *, attention_mask: Any
     The new tokens, int32 ``(batch, max_new_tokens)``.
 
   >>> import jax, jax.numpy as jnp, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> cfg = jaxlora.models.ModelConfig(
+  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
+  ...     tie_word_embeddings=False)
   >>> model = jaxlora.models.Decoder(cfg)
   >>> params = jaxlora.models.init(model, jax.random.key(0))
   >>> jaxlora.generate(model, params, jnp.array([[1, 2, 3]]), max_new_tokens=4).shape
   (1, 4)
   """
   if not isinstance(model, Decoder):
-    raise TypeError(f"`generate` needs a jaxlora.models.Decoder, got {type(model).__name__}.")
+    raise InputTypeError(f"`generate` needs a jaxlora.models.Decoder, got {type(model).__name__}.")
   if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
   if temperature < 0 or not 0 < top_p <= 1:
-    raise ValueError(f"Need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}.")
+    raise InputError(f"Need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}.")
   if temperature > 0 and key is None:
-    raise ValueError("Sampling (temperature > 0) needs a PRNG key: key=jax.random.key(0).")
+    raise InputError("Sampling (temperature > 0) needs a PRNG key: key=jax.random.key(0).")
   input_ids = jnp.asarray(input_ids, jnp.int32)
   if input_ids.ndim != 2:
-    raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}.")
+    raise InputError(f"input_ids must be (batch, length), got shape {input_ids.shape}.")
   total = input_ids.shape[1] + max_new_tokens
   if total > model.config.max_position_embeddings and model.config.is_gpt2:
-    raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = "
+    raise InputError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = "
                      f"{total} exceeds the model's {model.config.max_position_embeddings} positions.")
   mask = (jnp.ones(input_ids.shape, bool) if attention_mask is None
           else jnp.asarray(attention_mask).astype(bool))
@@ -127,13 +132,13 @@ def generate(model: Decoder, params: Any, input_ids: Any, *, attention_mask: Any
     if adapter_ids is not None:
       ids = jnp.asarray(adapter_ids)
       if bool(jnp.any((ids < -1) | (ids >= params.capacity))):
-        raise ValueError(f"adapter_ids {ids.tolist()} out of range for a bank of "
+        raise InputError(f"adapter_ids {ids.tolist()} out of range for a bank of "
                          f"{params.capacity} slots (-1 is the base alone).")
     params = params.tree
   if adapter_ids is not None:
     adapter_ids = jnp.asarray(adapter_ids, jnp.int32)
     if adapter_ids.shape != (input_ids.shape[0],):
-      raise ValueError(f"adapter_ids must hold one id per prompt row, shape "
+      raise InputError(f"adapter_ids must hold one id per prompt row, shape "
                        f"({input_ids.shape[0]},), got {tuple(adapter_ids.shape)}.")
   p = _tree.get_params(params)
   return _generate(model, p, input_ids, mask, key if key is not None else jax.random.key(0),

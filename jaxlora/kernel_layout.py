@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from jaxlora import _tree
+from jaxlora.errors import InputError, InputTypeError
 
 # Roles of a kernel axis. 'stack': added by a lifted transform such as `nn.scan`
 # (one slice per layer). 'batch': an einsum letter shared by input, kernel and
@@ -69,7 +70,7 @@ def einsum_roles(einsum_str: str) -> tuple[str, ...]:
   """Roles of the kernel axes of an `nn.Einsum` equation."""
   lhs, rhs, out = einsum_parts(einsum_str)
   if "." in rhs:
-    raise ValueError(
+    raise InputError(
         f"nn.Einsum equation {einsum_str!r} has an ellipsis in the kernel operand; "
         "LoRA needs every kernel axis named. Rewrite the equation with letters.")
   roles = []
@@ -81,7 +82,7 @@ def einsum_roles(einsum_str: str) -> tuple[str, ...]:
     elif c in out:
       roles.append(OUT)
     else:
-      raise ValueError(
+      raise InputError(
           f"nn.Einsum equation {einsum_str!r}: kernel axis {c!r} appears in neither the "
           "input nor the output, so it is neither an input nor an output axis of the "
           "layer. Exclude this layer from `targets`.")
@@ -136,8 +137,8 @@ def layout(apply_fn: Callable[..., Any], variables: Mapping, *args: Any,
   Layout({'': DenseGeneral('in', 'out', 'out')})
   """
   if not isinstance(variables, Mapping):
-    raise TypeError(f"`variables` must be a dict such as {{'params': params}}, got "
-                    f"{type(variables).__name__}.")
+    raise InputTypeError(f"`variables` must be a dict such as {{'params': params}}, got "
+                         f"{type(variables).__name__}.")
   from jaxlora import quantization  # pylint: disable=import-outside-toplevel
   # Quantized kernels are traced as the float kernels they stand for.
   variables = jax.tree.map(
@@ -184,7 +185,7 @@ def layout(apply_fn: Callable[..., Any], variables: Mapping, *args: Any,
     full_shape = tuple(np.shape(node[_tree.KERNEL_KEY]))
     n_stack = len(full_shape) - len(local_shape)
     if n_stack < 0 or full_shape[n_stack:] != local_shape:
-      raise ValueError(
+      raise InputError(
           f"Kernel '{path}/kernel' is stored with shape {full_shape} but the layer uses "
           f"{local_shape}; jaxlora supports stacked layers (nn.scan, nn.vmap) only with "
           "the stacked axes leading (variable_axes={'params': 0}).")
@@ -198,9 +199,9 @@ def resolve(layout: Any, params: Any) -> Layout | None:
   if layout is None or isinstance(layout, Layout):
     return layout
   if not callable(getattr(layout, "lora_layout", None)):
-    raise TypeError(f"`layout` must come from jaxlora.layout(...) or be a model with a "
-                    f"`lora_layout(params)` method (jaxlora.models.Decoder); got "
-                    f"{type(layout).__name__}.")
+    raise InputTypeError(f"`layout` must come from jaxlora.layout(...) or be a model with a "
+                         f"`lora_layout(params)` method (jaxlora.models.Decoder); got "
+                         f"{type(layout).__name__}.")
   return layout.lora_layout(params)
 
 
@@ -261,7 +262,7 @@ def roles_from_shapes(path: str, kernel_shape, a_shape, b_shape, n_stack: int) -
   """The unique role assignment for an adapted kernel, or a ValueError."""
   found = infer_roles(kernel_shape, a_shape, b_shape, n_stack)
   if len(found) != 1:
-    raise ValueError(
+    raise InputError(
         f"Adapter at '{path}' does not fit its kernel: kernel {tuple(kernel_shape)}, "
         f"lora_a {tuple(a_shape)}, lora_b {tuple(b_shape)}. Expected lora_a = "
         "(*stacked, *input axes, rank) and lora_b = (*stacked, rank, *output axes); "

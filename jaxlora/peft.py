@@ -26,6 +26,7 @@ from jaxlora import _tree
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
 from jaxlora.models import hub, safetensors_io
 from jaxlora.models.decoder import Decoder
+from jaxlora.errors import InputError, InputTypeError, NotFoundError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,8 +39,8 @@ _UNSUPPORTED = ("use_dora", "modules_to_save", "lora_bias", "target_parameters",
 
 def _check_model(model: Any) -> Decoder:
   if not isinstance(model, Decoder):
-    raise TypeError("The PEFT format maps jaxlora.models decoders (GPT-2, Llama family); pass "
-                    f"model=<the Decoder>, got {type(model).__name__}.")
+    raise InputTypeError("The PEFT format maps jaxlora.models decoders (GPT-2, Llama family); pass "
+                         f"model=<the Decoder>, got {type(model).__name__}.")
   return model
 
 
@@ -65,7 +66,11 @@ def save(path: str, tree: Any, *, model: Decoder, base_model_name_or_path: str |
     dtype: tensor dtype on disk (default: the adapter's).
 
   >>> import tempfile, os, jax, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> cfg = jaxlora.models.ModelConfig(
+  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
+  ...     tie_word_embeddings=False)
   >>> model = jaxlora.models.Decoder(cfg)
   >>> params = jaxlora.models.init(model, jax.random.key(0))
   >>> tree = jaxlora.wrap(params, rank=2, targets="attention", layout=model, key=jax.random.key(1))
@@ -78,7 +83,7 @@ def save(path: str, tree: Any, *, model: Decoder, base_model_name_or_path: str |
   p = _tree.get_params(tree)
   mods = _tree.adapter_modules(p)
   if not mods:
-    raise ValueError("The tree holds no adapter; wrap the params with jaxlora.wrap first.")
+    raise InputError("The tree holds no adapter; wrap the params with jaxlora.wrap first.")
   tensors: dict[str, np.ndarray] = {}
   ranks: dict[str, int] = {}
   alphas: dict[str, float] = {}
@@ -92,7 +97,7 @@ def save(path: str, tree: Any, *, model: Decoder, base_model_name_or_path: str |
       a, b = a.astype(dtype), b.astype(dtype)
     stacked = s.ndim == 1
     if a.ndim != 2 + s.ndim or b.ndim != 2 + s.ndim:
-      raise ValueError(f"Adapter at '{_tree.join(path_t)}' has lora_a {a.shape}: the PEFT format "
+      raise InputError(f"Adapter at '{_tree.join(path_t)}' has lora_a {a.shape}: the PEFT format "
                        "holds 2-D (Linear) adapters only.")
     layers = range(s.shape[0]) if stacked else [None]
     for i in layers:
@@ -172,13 +177,13 @@ def _read_weights(path: str) -> dict[str, np.ndarray]:
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError:
-      raise ValueError(f"{binf} is a PyTorch pickle; jaxlora reads it only through "
+      raise InputError(f"{binf} is a PyTorch pickle; jaxlora reads it only through "
                        "torch.load(weights_only=True), and torch is not installed. Install torch "
                        "or convert the adapter to safetensors.") from None
     state = torch.load(binf, map_location="cpu", weights_only=True)
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
             for k, v in state.items()}
-  raise FileNotFoundError(f"No {WEIGHTS_NAME} (or adapter_model.bin) in {path!r}.")
+  raise NotFoundError(f"No {WEIGHTS_NAME} (or adapter_model.bin) in {path!r}.")
 
 
 def _pattern(patterns: dict, name: str, default: Any) -> Any:
@@ -207,7 +212,11 @@ def load(path: str, base_params: Any, *, model: Decoder, dtype: Any = jnp.float3
       keys, or shapes that do not fit the base.
 
   >>> import tempfile, jax, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> cfg = jaxlora.models.ModelConfig(
+  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
+  ...     tie_word_embeddings=False)
   >>> model = jaxlora.models.Decoder(cfg)
   >>> params = jaxlora.models.init(model, jax.random.key(0))
   >>> tree = jaxlora.wrap(params, rank=2, targets="mlp", layout=model, key=jax.random.key(1))
@@ -220,30 +229,30 @@ def load(path: str, base_params: Any, *, model: Decoder, dtype: Any = jnp.float3
   cfg = _check_model(model).config
   cfg_path = os.path.join(path, CONFIG_NAME)
   if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f"{cfg_path} not found: not a PEFT adapter directory.")
+    raise NotFoundError(f"{cfg_path} not found: not a PEFT adapter directory.")
   try:
     with open(cfg_path) as f:
       pc = json.load(f)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{cfg_path} is not valid JSON ({e}).") from None
+    raise InputError(f"{cfg_path} is not valid JSON ({e}).") from None
   if pc.get("peft_type", "LORA") != "LORA":
-    raise ValueError(f"{cfg_path}: peft_type {pc.get('peft_type')!r}; only LORA adapters load.")
+    raise InputError(f"{cfg_path}: peft_type {pc.get('peft_type')!r}; only LORA adapters load.")
   bad = [k for k in _UNSUPPORTED if pc.get(k) not in (None, False, {}, [], "")]
   if pc.get("bias", "none") != "none":
     bad.append(f"bias={pc['bias']!r}")
   if bad:
-    raise ValueError(f"{cfg_path} uses PEFT options jaxlora does not implement: {bad}. "
+    raise InputError(f"{cfg_path} uses PEFT options jaxlora does not implement: {bad}. "
                      "Loading it without them would compute a different model.")
   p = _tree.get_params(base_params)
   if _tree.adapter_modules(p):
-    raise ValueError("`base_params` already hold an adapter; pass the unwrapped base params.")
+    raise InputError("`base_params` already hold an adapter; pass the unwrapped base params.")
   weights = _read_weights(path)
   use_rslora = bool(pc.get("use_rslora", False))
   factors: dict[tuple[str, ...], dict[int | None, dict[str, np.ndarray]]] = {}
   for key, value in weights.items():
     m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight", key)
     if m is None:
-      raise ValueError(f"{path}: tensor {key!r} is not a LoRA A/B weight; jaxlora loads plain "
+      raise InputError(f"{path}: tensor {key!r} is not a LoRA A/B weight; jaxlora loads plain "
                        "LoRA adapters only (no DoRA magnitudes, embeddings or saved modules).")
     name, which = m.groups()
     module_path, layer = hub.flax_module_path(cfg, name)
@@ -256,25 +265,25 @@ def load(path: str, base_params: Any, *, model: Decoder, dtype: Any = jnp.float3
     for k in module_path:
       if not isinstance(node, dict) or k not in node:
         some = next(iter(per_layer.values()))["name"]
-        raise ValueError(f"{path}: the adapter targets {some!r}, which the "
+        raise InputError(f"{path}: the adapter targets {some!r}, which the "
                          f"{cfg.model_type!r} model does not have.")
       node = node[k]
     if KERNEL_KEY not in node:
-      raise ValueError(f"{path}: module {_tree.join(module_path)!r} has no kernel.")
+      raise InputError(f"{path}: module {_tree.join(module_path)!r} has no kernel.")
     kernel = node[KERNEL_KEY]
     stacked = None not in per_layer
     n_layers = kernel.shape[0] if stacked else None
     in_dim, out_dim = kernel.shape[-2], kernel.shape[-1]
     for layer, f in per_layer.items():
       if "A" not in f or "B" not in f:
-        raise ValueError(f"{path}: {f['name']!r} lacks lora_{'B' if 'A' in f else 'A'}.weight.")
+        raise InputError(f"{path}: {f['name']!r} lacks lora_{'B' if 'A' in f else 'A'}.weight.")
       r = f["A"].shape[0]
       if f["A"].shape != (r, in_dim) or f["B"].shape != (out_dim, r):
-        raise ValueError(
+        raise InputError(
             f"{path}: {f['name']!r} has lora_A {f['A'].shape} and lora_B {f['B'].shape}; the "
             f"base kernel needs [r, {in_dim}] and [{out_dim}, r]. Is this adapter for this model?")
       if stacked and not 0 <= layer < n_layers:
-        raise ValueError(f"{path}: {f['name']!r} names layer {layer}; the model has {n_layers}.")
+        raise InputError(f"{path}: {f['name']!r} names layer {layer}; the model has {n_layers}.")
     r_max = max(f["A"].shape[0] for f in per_layer.values())
     lead = (n_layers,) if stacked else ()
     a = np.zeros(lead + (in_dim, r_max), np.float32)

@@ -37,6 +37,7 @@ from jaxlora import _tree
 from jaxlora import kernel_layout as layout_lib
 from jaxlora import targets as targets_lib
 from jaxlora._tree import KERNEL_KEY
+from jaxlora.errors import InputError, InputTypeError
 
 QTYPES = ("nf4", "fp4", "int8")
 NESTED_BLOCK_SIZE = 256  # blocks of absmax per double-quantization group (bitsandbytes')
@@ -216,7 +217,7 @@ def _check_block_size(block_size: Any, qtype: str) -> int:
     return 0
   if (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))
       or block_size < 2 or block_size % 2):
-    raise ValueError(
+    raise InputError(
         f"block_size={block_size!r} cannot hold whole bytes of packed 4-bit codes: it must be "
         "a positive even integer. bitsandbytes uses 64 (transformers' default) and accepts "
         "32, 64, 128, ..., 4096.")
@@ -225,7 +226,7 @@ def _check_block_size(block_size: Any, qtype: str) -> int:
 
 def _check_qtype(qtype: Any) -> str:
   if qtype not in QTYPES:
-    raise ValueError(f"Unknown quantization type {qtype!r}; choose one of {QTYPES} "
+    raise InputError(f"Unknown quantization type {qtype!r}; choose one of {QTYPES} "
                      "(or None for a float base).")
   return qtype
 
@@ -355,10 +356,10 @@ def quantize_array(kernel: Any, qtype: str = "nf4", *, n_in: int = 1, n_stack: i
     return _abstract_record(kernel, qtype, n_in, n_stack, block_size, double_quant)
   arr = np.asarray(jax.device_get(kernel))
   if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
-    raise TypeError(f"Only float kernels can be quantized, got dtype {arr.dtype}.")
+    raise InputTypeError(f"Only float kernels can be quantized, got dtype {arr.dtype}.")
   layer_shape = arr.shape[n_stack:]
   if not 0 < n_in < len(layer_shape):
-    raise ValueError(f"n_in={n_in} input axes do not fit a kernel of layer shape {layer_shape}.")
+    raise InputError(f"n_in={n_in} input axes do not fit a kernel of layer shape {layer_shape}.")
   lead = arr.shape[:n_stack]
   layers = [_quantize_layer(arr[idx], qtype, n_in, block_size, double_quant)
             for idx in np.ndindex(*lead)] if lead else [
@@ -374,7 +375,7 @@ def _abstract_record(kernel: jax.ShapeDtypeStruct, qtype: str, n_in: int, n_stac
   """The record `quantize_array` would return, as ShapeDtypeStructs (nothing is computed)."""
   lead, layer_shape = tuple(kernel.shape[:n_stack]), tuple(kernel.shape[n_stack:])
   if not 0 < n_in < len(layer_shape):
-    raise ValueError(f"n_in={n_in} input axes do not fit a kernel of layer shape {layer_shape}.")
+    raise InputError(f"n_in={n_in} input axes do not fit a kernel of layer shape {layer_shape}.")
   sds = lambda shape, dt: jax.ShapeDtypeStruct(lead + tuple(shape), np.dtype(dt))
   if qtype == "int8":
     fields = {"packed": sds(layer_shape, np.int8),
@@ -424,7 +425,7 @@ def dequantize_array(q: QuantizedArray) -> jax.Array:
   array([-6.      , -5.      , -4.015748], dtype=float32)
   """
   if not isinstance(q, QuantizedArray):
-    raise TypeError(f"Expected a QuantizedArray, got {type(q).__name__}.")
+    raise InputTypeError(f"Expected a QuantizedArray, got {type(q).__name__}.")
   lead = tuple(q.packed.shape[:q.n_stack])
   n_in = math.prod(q.layer_shape[:q.n_in])
   n_out = math.prod(q.layer_shape[q.n_in:])
@@ -457,7 +458,7 @@ def _quantizable_roles(path: str, kernel: Any, layout: layout_lib.Layout | None)
   n_in = sum(r == layout_lib.IN for r in rest)
   if (layout_lib.STACK in rest or layout_lib.BATCH in rest
       or rest != (layout_lib.IN,) * n_in + (layout_lib.OUT,) * (len(rest) - n_in)):
-    raise ValueError(
+    raise InputError(
         f"Kernel '{path}/kernel' {tuple(kernel.shape)} has axes {roles}: only kernels laid out "
         "(*stacked, *inputs, *outputs) map to bitsandbytes' (out, in) blocks (per-head einsum "
         "axes or interleaved input/output axes do not). Leave it out with `exclude`.")
@@ -518,7 +519,7 @@ def quantize(params: Any, qtype: str = "nf4", *, block_size: int = 64, double_qu
   layout = layout_lib.resolve(layout, p)
   already = [pt for pt, m in _tree.iter_modules(p) if is_quantized(m.get(KERNEL_KEY))]
   if already:
-    raise ValueError(f"The tree is already quantized (at '{_tree.join(already[0])}'); "
+    raise InputError(f"The tree is already quantized (at '{_tree.join(already[0])}'); "
                      "quantize the float params, or `jaxlora.dequantize` first.")
   kernels = _tree.kernel_modules(p)
   select = targets_lib.compile_selector(targets, layout=layout, what="targets")
@@ -527,7 +528,7 @@ def quantize(params: Any, qtype: str = "nf4", *, block_size: int = 64, double_qu
             if select(_tree.join(pt), m[KERNEL_KEY]) and not skip(_tree.join(pt), m[KERNEL_KEY])]
   if not chosen:
     sample = ", ".join(repr(_tree.join(pt)) for pt, _ in kernels[:8]) or "none"
-    raise ValueError(f"targets={targets_lib.describe(targets)!r} matched no kernel to quantize "
+    raise InputError(f"targets={targets_lib.describe(targets)!r} matched no kernel to quantize "
                      f"(kernels: {sample}).")
   new = {}
   for path_t, mod in chosen:
@@ -588,7 +589,7 @@ def bits_per_parameter(tree: Any) -> float:
   """
   recs = [x for x in jax.tree.leaves(tree, is_leaf=is_quantized) if is_quantized(x)]
   if not recs:
-    raise ValueError("The tree holds no quantized kernel.")
+    raise InputError("The tree holds no quantized kernel.")
   fixed = 0
   for r in recs:  # the code tables are per-tensor constants, not per-parameter storage
     fixed += sum(math.prod(getattr(r, f).shape) * 4 for f in ("quant_map", "nested_quant_map")

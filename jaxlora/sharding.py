@@ -16,6 +16,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxlora import _tree
 from jaxlora import kernel_layout as layout_lib
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
+from jaxlora.errors import InputError
 
 
 def _spec_for(kernel_spec: tuple, roles: tuple[str, ...], which: str) -> PartitionSpec:
@@ -166,16 +167,16 @@ def make_mesh(*, data: int = 1, fsdp: int = -1, tensor: int = 1,
   devices = list(devices if devices is not None else jax.devices())
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}: use positive sizes "
+    raise InputError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}: use positive sizes "
                      "and at most one -1.")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices cannot be split with data={data}, fsdp={fsdp}, "
+      raise InputError(f"{len(devices)} devices cannot be split with data={data}, fsdp={fsdp}, "
                        f"tensor={tensor}.")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
+    raise InputError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
                      f"{math.prod(sizes)} devices, but {len(devices)} are available.")
   arr = np.asarray(devices, dtype=object).reshape(sizes)
   return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
@@ -198,7 +199,11 @@ def param_shardings(model: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = F
   axes. A dim that a mesh axis does not divide is left unsharded.
 
   >>> import jax, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> cfg = jaxlora.models.ModelConfig(
+  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
+  ...     tie_word_embeddings=False)
   >>> model = jaxlora.models.Decoder(cfg)
   >>> mesh = jaxlora.sharding.make_mesh(fsdp=-1)
   >>> sh = jaxlora.sharding.param_shardings(model, mesh)
@@ -229,7 +234,11 @@ def tree_shardings(tree: Any, base_shardings: Any) -> Any:
     A tree of shardings with the structure of `tree`.
 
   >>> import jax, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> cfg = jaxlora.models.ModelConfig(
+  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
+  ...     tie_word_embeddings=False)
   >>> model = jaxlora.models.Decoder(cfg)
   >>> mesh = jaxlora.sharding.make_mesh(fsdp=-1)
   >>> params = jaxlora.models.init(model, jax.random.key(0))
@@ -394,18 +403,18 @@ def _activation_plan(model: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]], w
   from jaxlora.models.decoder import REMAT_POLICIES  # pylint: disable=import-outside-toplevel
   cfg = model.config
   if remat is not None and remat not in REMAT_POLICIES:
-    raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)} or None.")
+    raise InputError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)} or None.")
   for name, value in (("batch", batch), ("seq", seq)):
     if not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name}={value!r}: give a positive integer (global batch rows, tokens "
+      raise InputError(f"{name}={value!r}: give a positive integer (global batch rows, tokens "
                        "per row).")
   if loss_chunk_size is not None and (not isinstance(loss_chunk_size, int) or loss_chunk_size < 1):
-    raise ValueError(f"loss_chunk_size={loss_chunk_size!r}: give a positive integer, or None for "
+    raise InputError(f"loss_chunk_size={loss_chunk_size!r}: give a positive integer, or None for "
                      "the full (batch, seq, vocab) logits.")
   batch_axes = _mesh_axes(mesh, rules, "batch")
   shards = math.prod(mesh.shape[a] for a in batch_axes)
   if batch % shards:
-    raise ValueError(f"batch={batch} cannot be split over the {shards} devices of the mesh axes "
+    raise InputError(f"batch={batch} cannot be split over the {shards} devices of the mesh axes "
                      f"{batch_axes} that carry the batch; use a multiple of {shards}.")
   c = jnp.dtype(model.dtype).itemsize
   f = _F32
@@ -577,7 +586,11 @@ def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-l
       mesh axes do not divide, an unknown remat policy or attention name.
 
   >>> import jaxlora
-  >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> cfg = jaxlora.models.ModelConfig(
+  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
+  ...     tie_word_embeddings=False)
   >>> model = jaxlora.models.Decoder(cfg)
   >>> mesh = jaxlora.sharding.make_mesh(fsdp=-1)
   >>> plan = jaxlora.sharding.memory_plan(model, mesh, rank=2)
@@ -594,7 +607,7 @@ def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-l
   from jaxlora.models.decoder import abstract_variables  # pylint: disable=import-outside-toplevel
 
   if (batch is None) != (seq is None):
-    raise ValueError(f"batch={batch!r}, seq={seq!r}: give both (to plan activations and logits) "
+    raise InputError(f"batch={batch!r}, seq={seq!r}: give both (to plan activations and logits) "
                      "or neither (params, adapters and optimizer state only).")
   # Params do not depend on the attention implementation; trace with XLA's, which every
   # host runs, so that a CPU host can plan a model set up for its TPU or GPU kernels.

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Union
 
 from jaxlora import kernel_layout as layout_lib
+from jaxlora.errors import InputError, InputTypeError
 
 Selector = Union[str, Callable[[str, Any], bool], tuple, list]
 
@@ -45,12 +46,12 @@ def compile_selector(sel: Selector | None, *, layout: layout_lib.Layout | None,
     try:
       rx = re.compile(sel)
     except re.error as e:
-      raise ValueError(f"`{what}` {sel!r} is neither a preset {PRESETS} nor a valid "
+      raise InputError(f"`{what}` {sel!r} is neither a preset {PRESETS} nor a valid "
                        f"regular expression ({e}).") from None
     return lambda path, kernel: rx.search(path) is not None
   if callable(sel):
     return lambda path, kernel: bool(sel(path, kernel))
-  raise TypeError(
+  raise InputTypeError(
       f"`{what}` must be a regex string, a preset {PRESETS}, a callable "
       f"(path, kernel) -> bool, or a tuple of these; got {type(sel).__name__}: {sel!r}.")
 

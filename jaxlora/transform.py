@@ -16,13 +16,14 @@ from jaxlora import _tree
 from jaxlora import kernel_layout as layout_lib
 from jaxlora import targets as targets_lib
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
+from jaxlora.errors import InputError, InputTypeError
 
 PyTree = Any
 
 
 def _check_rank(value: Any, what: str) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-    raise ValueError(f"{what} must be a positive integer, got {value!r}. "
+    raise InputError(f"{what} must be a positive integer, got {value!r}. "
                      "Typical LoRA ranks are 4 to 64.")
   return int(value)
 
@@ -34,26 +35,27 @@ def kernel_roles(path: str, kernel: Any, layout: layout_lib.Layout | None) -> tu
     info = layout.kernels.get(path)
     if info is None:
       seen = ", ".join(repr(p) for p in sorted(layout.kernels)[:6]) or "none"
-      raise ValueError(
+      raise InputError(
           f"Kernel '{path}/kernel' {shape} was not used by any nn.Dense, nn.DenseGeneral "
           f"or nn.Einsum call while the layout was traced (layers seen: {seen}), so "
           "`jaxlora.apply` could never reach an adapter on it. Remove it from `targets` "
           "(or add it to `exclude`), or train it through `jaxlora.merge` on the fly.")
     if len(info.roles) != len(shape):
-      raise ValueError(
+      raise InputError(
           f"Kernel '{path}/kernel' has shape {shape} but the layout recorded "
           f"{len(info.roles)} axes {info.roles}; was the layout traced on another model?")
     return info.roles
   if len(shape) == 2:
     return (layout_lib.IN, layout_lib.OUT)
-  raise ValueError(
+  raise InputError(
       f"Kernel '{path}/kernel' has {len(shape)} axes {shape}: whether each is an input, "
       "output or stacked-layer axis (nn.scan, DenseGeneral, Einsum) cannot be read from "
       "the tree. Pass a layout traced from the model: `jaxlora.wrap(params, ..., "
       "layout=jaxlora.layout(model.apply, {'params': params}, *example_inputs))`.")
 
 
-def wrap(params: PyTree, *, key: jax.Array, rank: int = 16, alpha: float | None = None,
+def wrap(params: PyTree, *, key: jax.Array | None = None, rank: int = 16,
+         alpha: float | None = None,
          targets: targets_lib.Selector = "all-linear",
          exclude: targets_lib.Selector | None = None,
          rank_pattern: Mapping[str, int] | None = None,
@@ -71,7 +73,9 @@ def wrap(params: PyTree, *, key: jax.Array, rank: int = 16, alpha: float | None 
   Args:
     params: linen params, with or without the outer ``{'params': ...}``; arrays
       or tracers (works under ``jax.eval_shape``).
-    key: PRNG key for the initialisation of A.
+    key: PRNG key for the initialisation of A. Defaults to ``jax.random.key(0)``,
+      so an unkeyed call is reproducible (PEFT seeds its init the same way); pass
+      your own key to draw a different A.
     rank: LoRA rank ``r``.
     alpha: LoRA alpha; defaults to ``rank``.
     targets: which kernels to adapt (see `jaxlora.targets`): a regex searched in
@@ -108,24 +112,24 @@ def wrap(params: PyTree, *, key: jax.Array, rank: int = 16, alpha: float | None 
   """
   rank = _check_rank(rank, "`rank`")
   if init not in ("kaiming", "gaussian"):
-    raise ValueError(f"`init` must be 'kaiming' or 'gaussian', got {init!r}.")
+    raise InputError(f"`init` must be 'kaiming' or 'gaussian', got {init!r}.")
   if key is None:
-    raise TypeError("`wrap` needs a PRNG key: jaxlora.wrap(params, key=jax.random.key(0)).")
+    key = jax.random.key(0)
   layout = layout_lib.resolve(layout, params)
   p = _tree.get_params(params)
   boxed = jax.tree.leaves(p, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
   if any(isinstance(x, nn.meta.AxisMetadata) for x in boxed):
-    raise TypeError("The params hold boxed leaves (nn.LogicallyPartitioned from model.init); "
-                    "unbox them first: params = flax.linen.unbox(params).")
+    raise InputTypeError("The params hold boxed leaves (nn.LogicallyPartitioned from model.init); "
+                         "unbox them first: params = flax.linen.unbox(params).")
   wrapped = _tree.adapter_modules(p)
   if wrapped:
-    raise ValueError(
+    raise InputError(
         f"This tree is already wrapped (adapter leaves at '{_tree.join(wrapped[0][0])}'). "
         "Wrap the base params instead, or use `jaxlora.merge(tree)` first to fold the "
         "current adapter into the kernels.")
   kernels = _tree.kernel_modules(p)
   if not kernels:
-    raise ValueError("No kernel leaves (dicts holding a 'kernel' with >= 2 axes) found in "
+    raise InputError("No kernel leaves (dicts holding a 'kernel' with >= 2 axes) found in "
                      "the tree; pass Flax linen params from `model.init(...)`.")
   select = targets_lib.compile_selector(targets, layout=layout, what="targets")
   skip = targets_lib.compile_selector(exclude, layout=layout, what="exclude")
@@ -138,7 +142,7 @@ def wrap(params: PyTree, *, key: jax.Array, rank: int = 16, alpha: float | None 
   if not chosen:
     sample = ", ".join(repr(_tree.join(pt)) for pt, _ in kernels[:8])
     more = f" and {len(kernels) - 8} more" if len(kernels) > 8 else ""
-    raise ValueError(
+    raise InputError(
         f"targets={targets_lib.describe(targets)!r} (exclude="
         f"{targets_lib.describe(exclude)!r}) matched no kernel. Module paths with "
         f"kernels: {sample}{more}. Regexes are searched in these paths, e.g. "
@@ -156,14 +160,14 @@ def wrap(params: PyTree, *, key: jax.Array, rank: int = 16, alpha: float | None 
     n_in = layout_lib.fan_in(shape, roles)
     n_out = math.prod(d for d, role in zip(shape, roles) if role == layout_lib.OUT)
     if r > min(n_in, n_out):
-      raise ValueError(
+      raise InputError(
           f"rank {r} for '{path}' exceeds the kernel's smallest side: kernel {shape} maps "
           f"{n_in} inputs to {n_out} outputs, so the rank must be at most {min(n_in, n_out)}. "
           "Lower `rank` or set it for this layer with `rank_pattern`.")
     a_shape, b_shape, s_shape = layout_lib.adapter_shapes(shape, roles, r)
     n_stack = sum(role == layout_lib.STACK for role in roles)
     if layout_lib.infer_roles(shape, a_shape, b_shape, n_stack) != [roles]:
-      raise ValueError(
+      raise InputError(
           f"Kernel '{path}/kernel' {shape} has axes {roles}: its input and output axes "
           "interleave in a way that cannot be told apart from the shapes of A and B, "
           "so merge and export could not place them. Exclude this layer, or reorder the "
@@ -279,30 +283,30 @@ def unmerge(merged: PyTree, adapter_tree: PyTree) -> PyTree:
   p = _tree.get_params(merged)
   ad = _tree.get_params(adapter_tree)
   if _tree.adapter_modules(p):
-    raise ValueError("`merged` already holds adapter leaves; pass the output of "
+    raise InputError("`merged` already holds adapter leaves; pass the output of "
                      "`jaxlora.merge`, not a wrapped tree.")
   mods = _tree.adapter_modules(ad)
   if not mods:
-    raise ValueError("`adapter_tree` holds no adapter leaves (lora_a/lora_b/lora_scale).")
+    raise InputError("`adapter_tree` holds no adapter leaves (lora_a/lora_b/lora_scale).")
   new = {}
   for path_t, amod in mods:
     path = _tree.join(path_t)
     node = p
     for k in path_t:
       if not isinstance(node, Mapping) or k not in node:
-        raise ValueError(
+        raise InputError(
             f"The adapter has a layer at '{path}' but the merged params have no such "
             "module; the adapter belongs to another model.")
       node = node[k]
     if KERNEL_KEY not in node:
-      raise ValueError(f"The merged params have no kernel at '{path}/kernel' for the adapter.")
+      raise InputError(f"The merged params have no kernel at '{path}/kernel' for the adapter.")
     kernel = node[KERNEL_KEY]
     missing = [k for k in _tree.ADAPTER_KEYS if k not in amod]
     if missing:
-      raise ValueError(f"Adapter at '{path}' lacks {missing}.")
+      raise InputError(f"Adapter at '{path}' lacks {missing}.")
     scale = jnp.asarray(amod[SCALE_KEY])
     if tuple(kernel.shape[:scale.ndim]) != tuple(scale.shape):
-      raise ValueError(
+      raise InputError(
           f"Adapter at '{path}' has lora_scale {tuple(scale.shape)} but the kernel is "
           f"{tuple(kernel.shape)}; the adapter belongs to another model.")
     wide = _wide(kernel.dtype)
@@ -338,10 +342,10 @@ def split(tree: PyTree) -> tuple[PyTree, PyTree]:
   (['lora_a', 'lora_b'], ['kernel', 'lora_scale'])
   """
   if not isinstance(tree, Mapping):
-    raise TypeError(f"`split` takes a nested dict, got {type(tree).__name__}.")
+    raise InputTypeError(f"`split` takes a nested dict, got {type(tree).__name__}.")
   trainable = _tree.filter_tree(tree, lambda k: k in _tree.TRAINABLE_KEYS, prune=True)
   if not trainable:
-    raise ValueError("The tree holds no adapter (no 'lora_a'/'lora_b' leaves); "
+    raise InputError("The tree holds no adapter (no 'lora_a'/'lora_b' leaves); "
                      "call `jaxlora.wrap(params, ...)` first.")
   frozen = _tree.filter_tree(tree, lambda k: k not in _tree.TRAINABLE_KEYS, prune=False)
   return trainable, frozen

@@ -196,8 +196,14 @@ def test_ambiguous_interleaved_einsum_is_refused():
                              rtol=1e-5)
 
 
-def test_key_is_required_and_init_checked():
-  with pytest.raises(TypeError):
-    jaxlora.wrap(_mlp_params(), rank=2)  # pylint: disable=missing-kwoa
+def test_key_defaults_to_a_fixed_key_and_init_checked():
+  # The card's own call works, reproducibly, and is the same as key=jax.random.key(0).
+  params = _mlp_params()
+  a, b = jaxlora.wrap(params, rank=4), jaxlora.wrap(params, rank=4)
+  explicit = jaxlora.wrap(params, rank=4, key=jax.random.key(0))
+  other = jaxlora.wrap(params, rank=4, key=jax.random.key(1))
+  assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b))
+  assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, explicit))
+  assert not np.array_equal(a["fc2"]["lora_a"], other["fc2"]["lora_a"])
   with pytest.raises(ValueError, match="init"):
     jaxlora.wrap(_mlp_params(), rank=2, key=KEY, init="xavier")

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxlora.errors import InputError
 
 Array = jax.Array
 
@@ -78,7 +79,7 @@ def resolve(implementation: str = "auto", *, backend: str | None = None) -> str:
   ValueError: attention='cudnn' needs an NVIDIA GPU, but this process runs on cpu; use attention='auto' (picks what the platform has) or 'xla'.
   """
   if implementation not in IMPLEMENTATIONS + _INTERPRETED:
-    raise ValueError(f"attention={implementation!r} is not an attention implementation; "
+    raise InputError(f"attention={implementation!r} is not an attention implementation; "
                      f"choose one of {', '.join(IMPLEMENTATIONS)}.")
   if implementation in _INTERPRETED or implementation == "xla":
     return implementation
@@ -88,7 +89,7 @@ def resolve(implementation: str = "auto", *, backend: str | None = None) -> str:
   needs = {"cudnn": ("nvidia", "an NVIDIA GPU"), "flash": ("nvidia", "an NVIDIA GPU"),
            "splash": ("tpu", "a TPU")}[implementation]
   if backend != needs[0]:
-    raise ValueError(f"attention={implementation!r} needs {needs[1]}, but this process runs on "
+    raise InputError(f"attention={implementation!r} needs {needs[1]}, but this process runs on "
                      f"{backend}; use attention='auto' (picks what the platform has) or 'xla'.")
   return implementation
 
@@ -226,10 +227,10 @@ def attend(q: Array, k: Array, v: Array, ctx: dict, *, implementation: str, scal
     kernel = lambda q, k, v, s: _splash(q, k, v, s, scale, window, interpret)
   elif implementation.startswith("flash"):
     if window is not None:
-      raise ValueError("the Pallas flash kernel has no sliding window; use plan() to choose.")
+      raise InputError("the Pallas flash kernel has no sliding window; use plan() to choose.")
     kernel = lambda q, k, v, s: _flash(q, k, v, s, scale, interpret)
   else:
-    raise ValueError(f"unknown attention implementation {implementation!r}.")
+    raise InputError(f"unknown attention implementation {implementation!r}.")
   return _per_shard(kernel, q, k, v, seg)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from typing import Any
+from jaxlora.errors import InputError
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MODEL_TYPES = ("gpt2",) + LLAMA_TYPES
@@ -55,12 +56,12 @@ class ModelConfig:
     """Builds a config from a Hugging Face `config.json` dict."""
     mt = cfg.get("model_type")
     if mt not in MODEL_TYPES:
-      raise ValueError(f"{source}: model_type {mt!r} is not supported; jaxlora.models "
+      raise InputError(f"{source}: model_type {mt!r} is not supported; jaxlora.models "
                        f"reads {', '.join(MODEL_TYPES)}.")
 
     def need(key):
       if key not in cfg:
-        raise ValueError(f"{source}: missing key {key!r} required for model_type {mt!r}.")
+        raise InputError(f"{source}: missing key {key!r} required for model_type {mt!r}.")
       return cfg[key]
 
     eos = cfg.get("eos_token_id")
@@ -70,9 +71,9 @@ class ModelConfig:
     if mt == "gpt2":
       act = cfg.get("activation_function", "gelu_new")
       if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
-        raise ValueError(f"{source}: activation_function {act!r} is not supported for gpt2.")
+        raise InputError(f"{source}: activation_function {act!r} is not supported for gpt2.")
       if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("add_cross_attention"):
-        raise ValueError(f"{source}: scale_attn_by_inverse_layer_idx / add_cross_attention "
+        raise InputError(f"{source}: scale_attn_by_inverse_layer_idx / add_cross_attention "
                          "are not supported.")
       d, h = need("n_embd"), need("n_head")
       known = {"n_embd", "n_head", "n_layer", "n_positions", "n_inner", "vocab_size",
@@ -88,7 +89,7 @@ class ModelConfig:
                  extra=_extra(cfg, known), **common)
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
-      raise ValueError(f"{source}: hidden_act {act!r} is not supported (expected 'silu').")
+      raise InputError(f"{source}: hidden_act {act!r} is not supported (expected 'silu').")
     d, h = need("hidden_size"), need("num_attention_heads")
     rope = dict(cfg.get("rope_parameters") or {})
     legacy = cfg.get("rope_scaling") or {}
@@ -96,12 +97,12 @@ class ModelConfig:
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     rtype = rope.get("rope_type", rope.get("type", "default"))
     if rtype not in ROPE_TYPES:
-      raise ValueError(f"{source}: rope type {rtype!r} is not supported; jaxlora implements "
+      raise InputError(f"{source}: rope type {rtype!r} is not supported; jaxlora implements "
                        f"{', '.join(ROPE_TYPES)}.")
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
-      raise ValueError(f"{source}: partial_rotary_factor is not supported.")
+      raise InputError(f"{source}: partial_rotary_factor is not supported.")
     if cfg.get("use_sliding_window"):
-      raise ValueError(f"{source}: use_sliding_window=true is not supported for {mt}.")
+      raise InputError(f"{source}: use_sliding_window=true is not supported for {mt}.")
     sliding = cfg.get("sliding_window") if mt == "mistral" else None
     attn_bias = bool(cfg.get("attention_bias", False))
     known = {"hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",

@@ -22,6 +22,7 @@ from jaxlora import _tree
 from jaxlora import kernel_layout
 from jaxlora.models import attention as attention_lib
 from jaxlora.models.config import ModelConfig
+from jaxlora.errors import InputError
 
 Array = jax.Array
 
@@ -284,7 +285,7 @@ class Decoder(nn.Module):
     block = Block
     if self.remat is not None:
       if self.remat not in REMAT_POLICIES:
-        raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)} or None.")
+        raise InputError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)} or None.")
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
     stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                     in_axes=(nn.broadcast, 0), length=cfg.num_hidden_layers,
@@ -321,10 +322,10 @@ class Decoder(nn.Module):
 def _check_segments(segment_ids, shape, cache):
   seg = jnp.asarray(segment_ids)
   if cache is not None:
-    raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache; decode "
+    raise InputError("segment_ids (packed rows) cannot be combined with a KV cache; decode "
                      "one sequence per row with attention_mask instead.")
   if tuple(seg.shape) != tuple(shape) or not jnp.issubdtype(seg.dtype, jnp.integer):
-    raise ValueError(f"segment_ids must be an integer array shaped like input_ids {shape}, got "
+    raise InputError(f"segment_ids must be an integer array shaped like input_ids {shape}, got "
                      f"{seg.dtype} {tuple(seg.shape)}.")
   return seg
 
@@ -346,7 +347,11 @@ def abstract_variables(model: "Decoder") -> dict:
   """The (boxed) variables `model.init` would create, as ShapeDtypeStructs; nothing is allocated.
 
   >>> import jaxlora
-  >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> cfg = jaxlora.models.ModelConfig(
+  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
+  ...     tie_word_embeddings=False)
   >>> v = abstract_variables(jaxlora.models.Decoder(cfg))
   >>> v["params"]["layers"]["mlp"]["up_proj"]["kernel"].value.shape
   (2, 16, 32)
@@ -358,7 +363,11 @@ def init_cache(config: ModelConfig, batch: int, max_length: int, dtype: Any = jn
   """An empty KV cache for `batch` sequences of up to `max_length` tokens.
 
   >>> from jaxlora.models import ModelConfig, init_cache
-  >>> cfg = ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> cfg = ModelConfig(
+  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
+  ...     tie_word_embeddings=False)
   >>> init_cache(cfg, batch=3, max_length=10)["k"].shape
   (2, 3, 10, 2, 4)
   """

@@ -20,6 +20,7 @@ from jaxlora import _tree
 from jaxlora.models import safetensors_io
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.decoder import Decoder, abstract_variables
+from jaxlora.errors import InputError, InputTypeError, NotFoundError
 
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|rotary_emb\.inv_freq$")
@@ -54,16 +55,16 @@ def _abstract_params(model: Decoder) -> dict:
 
 def _read_config(path: str) -> dict:
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"Model directory {path!r} does not exist.")
+    raise NotFoundError(f"Model directory {path!r} does not exist.")
   cfg_path = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f"{cfg_path} not found: a Hugging Face checkpoint directory holds "
-                            "config.json and model.safetensors (or a sharded index).")
+    raise NotFoundError(f"{cfg_path} not found: a Hugging Face checkpoint directory holds "
+                        "config.json and model.safetensors (or a sharded index).")
   try:
     with open(cfg_path) as f:
       return json.load(f)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{cfg_path} is not valid JSON ({e}).") from None
+    raise InputError(f"{cfg_path} is not valid JSON ({e}).") from None
 
 
 def _open_weights(path: str) -> dict[str, safetensors_io.SafetensorsFile]:
@@ -82,16 +83,16 @@ def _open_weights(path: str) -> dict[str, safetensors_io.SafetensorsFile]:
       full = os.path.join(path, fname)
       if fname not in files:
         if not os.path.isfile(full):
-          raise FileNotFoundError(f"{index} lists {fname!r} (for {name!r}) but {full} is missing.")
+          raise NotFoundError(f"{index} lists {fname!r} (for {name!r}) but {full} is missing.")
         files[fname] = safetensors_io.SafetensorsFile(full)
       if name not in files[fname].header:
-        raise ValueError(f"{index} says {name!r} is in {fname!r}, but that file lacks it.")
+        raise InputError(f"{index} says {name!r} is in {fname!r}, but that file lacks it.")
       out[name] = files[fname]
     return out
   others = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
   hint = (f" Found {others}: jaxlora reads safetensors only (never pickles); convert them with "
           "transformers' save_pretrained(safe_serialization=True).") if others else ""
-  raise FileNotFoundError(f"No model.safetensors or model.safetensors.index.json in {path!r}.{hint}")
+  raise NotFoundError(f"No model.safetensors or model.safetensors.index.json in {path!r}.{hint}")
 
 
 def _torch_dtype(name: Any) -> np.dtype:
@@ -99,7 +100,7 @@ def _torch_dtype(name: Any) -> np.dtype:
   name = str(name)
   name = name[len("torch."):] if name.startswith("torch.") else name
   if name not in _STATE_DTYPES:
-    raise ValueError(f"dtype {name!r} (expected one of {sorted(_STATE_DTYPES)})")
+    raise InputError(f"dtype {name!r} (expected one of {sorted(_STATE_DTYPES)})")
   return np.dtype(_STATE_DTYPES[name])
 
 
@@ -114,25 +115,25 @@ def _stored_qtype(hf: Mapping, source: str, qtype: str | None) -> str | None:
   if not qc:
     return None
   if not isinstance(qc, Mapping):
-    raise ValueError(f"{source}: quantization_config is {type(qc).__name__}, not an object.")
+    raise InputError(f"{source}: quantization_config is {type(qc).__name__}, not an object.")
   method = qc.get("quant_method", "bitsandbytes" if ("load_in_4bit" in qc or "load_in_8bit" in qc)
                   else None)
   if method != "bitsandbytes":
-    raise ValueError(
+    raise InputError(
         f"{source}: quantization_config.quant_method is {method!r}; jaxlora reads checkpoints "
         "quantized with bitsandbytes (4-bit nf4/fp4 and 8-bit) only. Load the original float "
         "checkpoint instead, optionally with from_pretrained(..., quantize='nf4').")
   if qc.get("load_in_4bit"):
     stored, key = qc.get("bnb_4bit_quant_type", "fp4"), "bnb_4bit_quant_type"
     if stored not in ("nf4", "fp4"):
-      raise ValueError(f"{source}: quantization_config.bnb_4bit_quant_type is {stored!r}; "
+      raise InputError(f"{source}: quantization_config.bnb_4bit_quant_type is {stored!r}; "
                        "bitsandbytes 4-bit types are 'nf4' and 'fp4'.")
   elif qc.get("load_in_8bit"):
     stored, key = "int8", "load_in_8bit"
   else:
     return None
   if qtype is not None and qtype != stored:
-    raise ValueError(
+    raise InputError(
         f"{source}: quantize={qtype!r}, but this checkpoint is already quantized by bitsandbytes "
         f"as {stored!r} (quantization_config.{key}); quantizing its quantized weights again "
         f"would add a second rounding. Pass quantize=None (or {stored!r}) to load it as stored, "
@@ -198,7 +199,11 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
       corrupt quantization state.
 
   >>> import tempfile, jax, jax.numpy as jnp, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> cfg = jaxlora.models.ModelConfig(
+  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
+  ...     tie_word_embeddings=False)
   >>> model = jaxlora.models.Decoder(cfg)
   >>> params = jaxlora.models.init(model, jax.random.key(0))
   >>> d = tempfile.mkdtemp()
@@ -239,7 +244,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
     m = _QUANT_STATE.match(k)
     if m:
       if m.group(2) not in _BNB4_STATES:
-        raise ValueError(f"Checkpoint {path!r}: tensor {k!r} holds a quant state of unknown "
+        raise InputError(f"Checkpoint {path!r}: tensor {k!r} holds a quant state of unknown "
                          f"kind {m.group(2)!r}; jaxlora reads bitsandbytes "
                          f"{sorted(_BNB4_STATES)} (and 8-bit SCB) quantization.")
       quant_states[m.group(1)] = k
@@ -250,15 +255,15 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
 
   def fetch(name: str, want: tuple[int, ...], transpose: bool) -> np.ndarray:
     if name not in weights:
-      raise ValueError(f"Checkpoint {path!r} lacks tensor {name!r} (expected shape "
+      raise InputError(f"Checkpoint {path!r} lacks tensor {name!r} (expected shape "
                        f"{want[::-1] if transpose else want}) for model_type {cfg.model_type!r}.")
     stored = tuple(weights[name].shape(name))
     if (stored[::-1] if transpose else stored) != want:
-      raise ValueError(f"Tensor {name!r} in {weights[name].path} has shape {stored}; the config "
+      raise InputError(f"Tensor {name!r} in {weights[name].path} has shape {stored}; the config "
                        f"implies {want[::-1] if transpose else want}.")
     t = read(name)
     if not np.issubdtype(t.dtype, np.floating) and t.dtype != jnp.bfloat16:
-      raise ValueError(f"Tensor {name!r} in {weights[name].path} has dtype {t.dtype}; a float "
+      raise InputError(f"Tensor {name!r} in {weights[name].path} has dtype {t.dtype}; a float "
                        "weight was expected (a quantized weight without its quantization "
                        "state? Check that the checkpoint's files are complete).")
     return t.T if transpose else t
@@ -266,7 +271,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
   def aux(name: str, part: str, owner: str) -> np.ndarray:
     key = f"{name}.{part}"
     if key not in weights:
-      raise ValueError(f"Checkpoint {path!r} lacks tensor {key!r}, part of the bitsandbytes "
+      raise InputError(f"Checkpoint {path!r} lacks tensor {key!r}, part of the bitsandbytes "
                        f"quantization of {owner!r}; the checkpoint is incomplete.")
     return read(key)
 
@@ -276,7 +281,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
     try:
       state = json.loads(bytes(read(key).reshape(-1).view(np.uint8)).decode("utf-8"))
       if not isinstance(state, dict):
-        raise ValueError("not a JSON object")
+        raise InputError("not a JSON object")
       qt = state["quant_type"]
       bs = int(state["blocksize"])
       shape = tuple(int(d) for d in state["shape"])
@@ -287,46 +292,46 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
         offset = np.float32(state["nested_offset"])
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
       detail = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
-      raise ValueError(f"{where} is not a valid bitsandbytes quant state ({detail}); the "
+      raise InputError(f"{where} is not a valid bitsandbytes quant state ({detail}); the "
                        "checkpoint is corrupt: save it again with transformers' "
                        "save_pretrained.") from None
     expect = _BNB4_STATES[_QUANT_STATE.match(key).group(2)]
     if qt != expect:
-      raise ValueError(f"{where} says quant_type {qt!r} but its name says {expect!r}; the "
+      raise InputError(f"{where} says quant_type {qt!r} but its name says {expect!r}; the "
                        "checkpoint is corrupt.")
     if qtype is not None and qt != qtype:
-      raise ValueError(f"quantize={qtype!r}, but {name!r} in {weights[name].path} is stored "
+      raise InputError(f"quantize={qtype!r}, but {name!r} in {weights[name].path} is stored "
                        f"quantized by bitsandbytes as {qt!r}. Pass quantize=None (or {qt!r}) "
                        f"to load it as stored, or load the float checkpoint with "
                        f"quantize={qtype!r}.")
     if len(shape) != 2 or shape[::-1] != want:
-      raise ValueError(f"{where} records weight shape {list(shape)}; the config implies "
+      raise InputError(f"{where} records weight shape {list(shape)}; the config implies "
                        f"{list(want[::-1])}.")
     if bs < 2 or bs % 2:
-      raise ValueError(f"{where} has blocksize {bs}; bitsandbytes uses even block sizes.")
+      raise InputError(f"{where} has blocksize {bs}; bitsandbytes uses even block sizes.")
     n = shape[0] * shape[1]
     packed = read(name).reshape(-1).view(np.uint8)  # any quant_storage dtype: the bytes
     if packed.size != (n + 1) // 2:
-      raise ValueError(f"Tensor {name!r} in {weights[name].path} holds {packed.size} bytes of "
+      raise InputError(f"Tensor {name!r} in {weights[name].path} holds {packed.size} bytes of "
                        f"4-bit codes; its quant state (shape {list(shape)}) needs {(n + 1) // 2}.")
     n_blocks = -(-n // bs)
     absmax = aux(name, "absmax", name).reshape(-1)
     quant_map = aux(name, "quant_map", name).reshape(-1).astype(np.float32)
     if absmax.size != n_blocks or quant_map.size != 16:
-      raise ValueError(f"{name!r}: absmax has {absmax.size} values and quant_map {quant_map.size}"
+      raise InputError(f"{name!r}: absmax has {absmax.size} values and quant_map {quant_map.size}"
                        f"; blocksize {bs} over {list(shape)} needs {n_blocks} and 16.")
     fields = dict(packed=packed, quant_map=quant_map)
     if nested:
       if nested_bs != quantization.NESTED_BLOCK_SIZE:
-        raise ValueError(f"{where} has nested_blocksize {nested_bs}; jaxlora implements "
+        raise InputError(f"{where} has nested_blocksize {nested_bs}; jaxlora implements "
                          f"bitsandbytes' {quantization.NESTED_BLOCK_SIZE}.")
       if absmax.dtype != np.uint8:
-        raise ValueError(f"{name}.absmax has dtype {absmax.dtype}; double quantization "
+        raise InputError(f"{name}.absmax has dtype {absmax.dtype}; double quantization "
                          "stores uint8 codes.")
       nested_absmax = aux(name, "nested_absmax", name).reshape(-1).astype(np.float32)
       nested_map = aux(name, "nested_quant_map", name).reshape(-1).astype(np.float32)
       if (nested_absmax.size != -(-n_blocks // nested_bs) or nested_map.size != 256):
-        raise ValueError(f"{name!r}: nested_absmax has {nested_absmax.size} values and "
+        raise InputError(f"{name!r}: nested_absmax has {nested_absmax.size} values and "
                          f"nested_quant_map {nested_map.size}; {n_blocks} blocks need "
                          f"{-(-n_blocks // nested_bs)} and 256.")
       fields.update(absmax=absmax, nested_absmax=nested_absmax, nested_quant_map=nested_map,
@@ -339,22 +344,22 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
   def bnb8(name: str, module: str, want: tuple[int, ...]):
     where = f"Tensor {name!r} in {weights[name].path}"
     if qtype is not None and qtype != "int8":
-      raise ValueError(f"quantize={qtype!r}, but {name!r} in {weights[name].path} is stored "
+      raise InputError(f"quantize={qtype!r}, but {name!r} in {weights[name].path} is stored "
                        "quantized by bitsandbytes as 'int8'. Pass quantize=None (or 'int8') to "
                        f"load it as stored, or load the float checkpoint with quantize={qtype!r}.")
     w = read(name)
     if w.dtype != np.int8 or w.ndim != 2 or w.shape[::-1] != want:
-      raise ValueError(f"{where} is {w.dtype} {list(w.shape)}; a bitsandbytes 8-bit weight is "
+      raise InputError(f"{where} is {w.dtype} {list(w.shape)}; a bitsandbytes 8-bit weight is "
                        f"int8 {list(want[::-1])}.")
     fmt_key = module + ".weight_format"
     if fmt_key in weights:
       fmt = read(fmt_key).reshape(-1)
       if fmt.size != 1 or int(fmt[0]) != 0:
-        raise ValueError(f"Tensor {fmt_key!r} is {fmt.tolist()}: only bitsandbytes' row-major "
+        raise InputError(f"Tensor {fmt_key!r} is {fmt.tolist()}: only bitsandbytes' row-major "
                          "int8 format (0) is supported.")
     scb = aux(module, "SCB", name).reshape(-1).astype(np.float32)
     if scb.size != want[1]:
-      raise ValueError(f"{module}.SCB has {scb.size} row scales; {name!r} has {want[1]} rows.")
+      raise InputError(f"{module}.SCB has {scb.size} row scales; {name!r} has {want[1]} rows.")
     return quantization.QuantizedArray(qtype="int8", layer_shape=want, n_in=1, dtype=pdtype,
                                        block_size=0, packed=np.ascontiguousarray(w.T),
                                        absmax=scb)
@@ -381,7 +386,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
       for i in range(leaf.shape[0]):
         t = layer(path_t, _hf_name(cfg, path_t, i, prefix), leaf.shape[1:], transpose)
         if i and quantization.is_quantized(t) != bool(recs):
-          raise ValueError(
+          raise InputError(
               f"{_hf_name(cfg, path_t, i, prefix)!r} is stored "
               f"{'in float' if recs else 'quantized'} but {_hf_name(cfg, path_t, 0, prefix)!r} "
               f"{'is quantized' if recs else 'is not'}: the layers of an nn.scan stack need one "
@@ -430,7 +435,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
   extra = sorted(k for k in weights if k not in used and not _IGNORED.search(k)
                  and not (cfg.tie_word_embeddings and k == "lm_head.weight"))
   if extra:
-    raise ValueError(f"Checkpoint {path!r} has tensors the {cfg.model_type!r} model does not use: "
+    raise InputError(f"Checkpoint {path!r} has tensors the {cfg.model_type!r} model does not use: "
                      f"{extra[:8]}{' ...' if len(extra) > 8 else ''}. Is config.json for "
                      "this checkpoint?")
   params = jax.tree_util.tree_unflatten(
@@ -448,7 +453,7 @@ def _stack_records(recs: list, name: str):
   aux0 = recs[0].tree_flatten_with_keys()[1]
   for i, r in enumerate(recs):
     if r.tree_flatten_with_keys()[1] != aux0:
-      raise ValueError(f"Layer {i} of the stack starting at {name!r} is stored as {r!r}, layer 0 "
+      raise InputError(f"Layer {i} of the stack starting at {name!r} is stored as {r!r}, layer 0 "
                        f"as {recs[0]!r}: the layers of an nn.scan stack need one quantization "
                        "type, block size, dtype and double quantization.")
   return jax.tree.map(lambda *xs: np.stack(xs), *recs)
@@ -473,7 +478,11 @@ def save_pretrained(path: str, model: Decoder, params: Any, *,
     ValueError: if the params still hold adapters (merge them first) or do not fit the model.
 
   >>> import tempfile, os, jax, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig("gpt2", 32, 16, 2, 4, 4, 4, 64, 64, 1e-5, True)
+  >>> cfg = jaxlora.models.ModelConfig(
+  ...     model_type="gpt2", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+  ...     num_attention_heads=4, num_key_value_heads=4, head_dim=4,
+  ...     intermediate_size=64, max_position_embeddings=64, norm_eps=1e-5,
+  ...     tie_word_embeddings=True)
   >>> model = jaxlora.models.Decoder(cfg)
   >>> d = tempfile.mkdtemp()
   >>> jaxlora.models.save_pretrained(d, model, jaxlora.models.init(model, jax.random.key(0)))
@@ -481,15 +490,15 @@ def save_pretrained(path: str, model: Decoder, params: Any, *,
   ['config.json', 'model.safetensors']
   """
   if not isinstance(model, Decoder):
-    raise TypeError(f"`model` must be a jaxlora.models.Decoder, got {type(model).__name__}.")
+    raise InputTypeError(f"`model` must be a jaxlora.models.Decoder, got {type(model).__name__}.")
   p = _tree.get_params(params)
   if _tree.adapter_modules(p):
-    raise ValueError("The params hold LoRA adapters; export `jaxlora.merge(tree)` as a plain "
+    raise InputError("The params hold LoRA adapters; export `jaxlora.merge(tree)` as a plain "
                      "checkpoint, or the adapter alone in PEFT format.")
   from jaxlora import quantization  # pylint: disable=import-outside-toplevel
   quantized = quantization.records(p)
   if quantized:
-    raise ValueError(f"The params hold quantized kernels (at {next(iter(quantized))!r}); "
+    raise InputError(f"The params hold quantized kernels (at {next(iter(quantized))!r}); "
                      "save_pretrained writes float checkpoints: export "
                      "`jaxlora.dequantize(params)` (or `jaxlora.merge(tree)`).")
   cfg = model.config
@@ -501,10 +510,10 @@ def save_pretrained(path: str, model: Decoder, params: Any, *,
   for kp, leaf in want:
     path_t = tuple(k.key for k in kp)
     if path_t not in have:
-      raise ValueError(f"params lack '{_tree.join(path_t)}' {leaf.shape} required by the model.")
+      raise InputError(f"params lack '{_tree.join(path_t)}' {leaf.shape} required by the model.")
     arr = np.asarray(jax.device_get(have.pop(path_t)))
     if arr.shape != leaf.shape:
-      raise ValueError(f"params '{_tree.join(path_t)}' has shape {arr.shape}; the model "
+      raise InputError(f"params '{_tree.join(path_t)}' has shape {arr.shape}; the model "
                        f"expects {leaf.shape}.")
     if dtype is not None:
       arr = arr.astype(dtype)
@@ -515,7 +524,7 @@ def save_pretrained(path: str, model: Decoder, params: Any, *,
     else:
       tensors[_hf_name(cfg, path_t, None, prefix)] = arr.T if transpose else arr
   if have:
-    raise ValueError(f"params hold leaves the model does not use: "
+    raise InputError(f"params hold leaves the model does not use: "
                      f"{sorted(_tree.join(k) for k in have)[:8]}.")
   hf_cfg = cfg.to_hf()
   first = next(iter(tensors.values()))
@@ -565,7 +574,11 @@ def init(model: Decoder, key: jax.Array) -> dict:
   """Freshly initialised, unboxed params for `model` (plain arrays).
 
   >>> import jax, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> cfg = jaxlora.models.ModelConfig(
+  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
+  ...     tie_word_embeddings=False)
   >>> params = jaxlora.models.init(jaxlora.models.Decoder(cfg), jax.random.key(0))
   >>> params['layers']['self_attn']['k_proj']['kernel'].shape
   (2, 16, 8)
@@ -577,7 +590,11 @@ def hf_module_name(config: ModelConfig, module_path: tuple[str, ...], layer: int
   """The PyTorch module name of a flax module, e.g. 'model.layers.3.self_attn.q_proj'.
 
   >>> import jaxlora
-  >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> cfg = jaxlora.models.ModelConfig(
+  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
+  ...     tie_word_embeddings=False)
   >>> hf_module_name(cfg, ("layers", "self_attn", "q_proj"), 3)
   'model.layers.3.self_attn.q_proj'
   """
@@ -589,7 +606,11 @@ def flax_module_path(config: ModelConfig, name: str) -> tuple[tuple[str, ...], i
   """Inverse of `hf_module_name`: ``(module path, layer or None)``.
 
   >>> import jaxlora
-  >>> cfg = jaxlora.models.ModelConfig("gpt2", 32, 16, 2, 4, 4, 4, 64, 64, 1e-5, True)
+  >>> cfg = jaxlora.models.ModelConfig(
+  ...     model_type="gpt2", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+  ...     num_attention_heads=4, num_key_value_heads=4, head_dim=4,
+  ...     intermediate_size=64, max_position_embeddings=64, norm_eps=1e-5,
+  ...     tie_word_embeddings=True)
   >>> flax_module_path(cfg, "transformer.h.1.mlp.c_fc")
   (('h', 'mlp', 'c_fc'), 1)
   """

@@ -11,6 +11,7 @@ from jaxlora import _tree
 from jaxlora import quantization
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
 from jaxlora.models.decoder import Decoder
+from jaxlora.errors import InputError
 
 
 def _head(model: Decoder, params: Any) -> dict:
@@ -69,7 +70,11 @@ def chunked_cross_entropy(model: Decoder, params: Any, hidden: jax.Array, labels
     ValueError: shapes that do not match, a chunk size below 1, or an unknown reduction.
 
   >>> import jax, jax.numpy as jnp, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig("llama", 32, 16, 2, 4, 2, 4, 32, 64, 1e-6, False)
+  >>> cfg = jaxlora.models.ModelConfig(
+  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
+  ...     tie_word_embeddings=False)
   >>> model = jaxlora.models.Decoder(cfg)
   >>> params = jaxlora.models.init(model, jax.random.key(0))
   >>> ids = jnp.arange(10).reshape(1, 10) % 32
@@ -84,15 +89,15 @@ def chunked_cross_entropy(model: Decoder, params: Any, hidden: jax.Array, labels
   True
   """
   if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
   if reduction not in ("mean", "sum"):
-    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+    raise InputError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
   b, t, d = hidden.shape
   if tuple(labels.shape) != (b, t):
-    raise ValueError(f"labels {tuple(labels.shape)} must be (batch, seq) = {(b, t)} like hidden.")
+    raise InputError(f"labels {tuple(labels.shape)} must be (batch, seq) = {(b, t)} like hidden.")
   w = jnp.ones((b, t), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
   if tuple(w.shape) != (b, t):
-    raise ValueError(f"weights {tuple(w.shape)} must be (batch, seq) = {(b, t)} like hidden.")
+    raise InputError(f"weights {tuple(w.shape)} must be (batch, seq) = {(b, t)} like hidden.")
   chunk = min(chunk_size, t)
   n = -(-t // chunk)
   pad = n * chunk - t

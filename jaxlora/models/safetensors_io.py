@@ -22,6 +22,7 @@ from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
+from jaxlora.errors import InputError
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -42,24 +43,24 @@ class SafetensorsFile:
       with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-          raise ValueError("file is shorter than its 8-byte header length")
+          raise InputError("file is shorter than its 8-byte header length")
         (n,) = struct.unpack("<Q", raw)
         if n > 100 * 2**20:
-          raise ValueError(f"header length {n} is implausible")
+          raise InputError(f"header length {n} is implausible")
         header = json.loads(f.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as e:
-      raise ValueError(f"{path}: not a readable safetensors file ({e}).") from None
+      raise InputError(f"{path}: not a readable safetensors file ({e}).") from None
     self.metadata = header.pop("__metadata__", {}) or {}
     self.header = header
     self._offset = 8 + n
     size = os.path.getsize(path)
     for name, info in header.items():
       if info.get("dtype") not in _DTYPES:
-        raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}.")
+        raise InputError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}.")
       begin, end = info["data_offsets"]
       want = int(np.prod(info["shape"], dtype=np.int64)) * _DTYPES[info["dtype"]].itemsize
       if end - begin != want or self._offset + end > size:
-        raise ValueError(f"{path}: tensor {name!r} is truncated or its header is corrupt "
+        raise InputError(f"{path}: tensor {name!r} is truncated or its header is corrupt "
                          f"(bytes {begin}..{end}, shape {info['shape']}, file size {size}).")
     self._map = None
 
@@ -98,7 +99,7 @@ class SafetensorsFile:
       while done < out.size:
         n = f.readinto(view[done:])
         if not n:
-          raise ValueError(f"{self.path}: tensor {name!r} ends early (file truncated?).")
+          raise InputError(f"{self.path}: tensor {name!r} ends early (file truncated?).")
         done += n
     return out.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
@@ -120,7 +121,7 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str,
   for name in sorted(tensors):
     a = np.ascontiguousarray(tensors[name])
     if a.dtype not in _NAMES:
-      raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors.")
+      raise InputError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors.")
     header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
                     "data_offsets": [offset, offset + a.nbytes]}
     offset += a.nbytes

@@ -1,121 +1,290 @@
-"""Training configuration: a typed schema, YAML presets and dotted command-line overrides."""
+"""Training configuration: one declaration per key, YAML presets and dotted command-line overrides.
+
+Every key is a field of a section dataclass, declared once with `key`: its type (the annotation),
+its default, its help text and the values it allows (``choices``, a range ``ge``/``gt``/``lt``, a
+``multiple_of``). Type coercion and the checks of `load`, the help of ``jaxlora train --help``
+(`describe`) and `DOCS` all read that declaration, so adding a key is one edit.
+
+>>> cfg = load(None, ["lora.rank=8", "model.quantize=none"])
+>>> cfg.lora.rank, cfg.model.quantize, cfg.train.lr
+(8, None, 0.0002)
+>>> [line for line in describe().splitlines() if "lora.dropout" in line]
+['  lora.dropout [0.0]: dropout on the LoRA input during training; must be in [0, 1)']
+>>> load(None, ["data.format=csv"])
+Traceback (most recent call last):
+...
+jaxlora_cli.config.ConfigError: config key 'data.format' must be one of text, \
+prompt_completion, chat, got 'csv'
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
-from typing import Any, Union
+import warnings
+from typing import Any, Callable, Iterator, Union
 
 import yaml
 from etils import epath
 
-
-class ConfigError(ValueError):
-  """A configuration problem, reported to the user as one line."""
+from jaxlora import errors
 
 
-@dataclasses.dataclass
-class ModelConfig:
-  path: str = ""            # local Hugging Face checkpoint directory
-  dtype: str = "float32"    # compute dtype: float32 (CPU) or bfloat16 (accelerators)
-  param_dtype: str = "float32"
-  remat: Union[str, None] = None  # None, 'full', 'dots', 'dots_no_batch'
-  quantize: Union[str, None] = None  # None (float base), 'nf4', 'fp4', 'int8' (QLoRA)
-  quant_block_size: int = 64
-  double_quant: bool = True
-  attention: str = "auto"   # auto | xla | cudnn | splash | flash
+class ConfigError(errors.ConfigError):
+  """A configuration or command-line problem, reported to the user as one line.
+
+  A `jaxlora.errors.ConfigError`: the command line prints it as ``error: ...`` and
+  exits with status 2.
+  """
 
 
-@dataclasses.dataclass
-class LoraConfig:
-  rank: int = 16
-  alpha: Union[float, None] = None   # default: rank
-  targets: Union[str, list] = "all-linear"
-  exclude: Union[str, list, None] = None
-  rank_pattern: dict = dataclasses.field(default_factory=dict)
-  alpha_pattern: dict = dataclasses.field(default_factory=dict)
-  use_rslora: bool = False
-  init: str = "kaiming"
-  dropout: float = 0.0
+def key(default: Any = dataclasses.MISSING, doc: str = "", *,
+        factory: Callable[[], Any] | None = None, choices: tuple[Any, ...] | None = None,
+        ge: float | None = None, gt: float | None = None, lt: float | None = None,
+        multiple_of: int | None = None) -> Any:
+  """Declares one config key: a dataclass field whose metadata says what it means and allows.
+
+  Args:
+    default: the value when neither the YAML file nor an override sets the key.
+    doc: what the key does, for ``jaxlora train --help``.
+    factory: makes the default instead of `default` (for dicts and lists).
+    choices: the allowed values. With None among them the string ``none`` reads as
+      None too (YAML's spelling is ``null``).
+    ge: the value must be at least this.
+    gt: the value must be more than this.
+    lt: the value must be less than this.
+    multiple_of: the value must be a multiple of this.
+
+  Returns:
+    A `dataclasses.field` to assign in a section dataclass.
+
+  >>> @dataclasses.dataclass
+  ... class Demo:
+  ...   rank: int = key(16, "LoRA rank r", gt=0)
+  >>> dataclasses.fields(Demo)[0].metadata["help"]
+  'LoRA rank r'
+  """
+  if not doc:
+    raise ValueError("every config key needs its help text (doc=...)")
+  meta = {"help": doc, "choices": choices, "ge": ge, "gt": gt, "lt": lt,
+          "multiple_of": multiple_of}
+  if factory is not None:
+    return dataclasses.field(default_factory=factory, metadata=meta)
+  return dataclasses.field(default=default, metadata=meta)
 
 
-@dataclasses.dataclass
-class DataConfig:
-  train_file: str = ""
-  eval_file: Union[str, None] = None
-  format: str = "text"              # text | prompt_completion | chat
-  text_field: str = "text"
-  prompt_field: str = "prompt"
-  completion_field: str = "completion"
-  messages_field: str = "messages"
-  max_length: int = 512
-  truncate: bool = False            # cut over-long examples instead of failing
-  eval_fraction: float = 0.0        # held out from train_file when no eval_file is given
-  seed: int = 0
-  packing: bool = False             # pack several examples per training row (segment_ids)
-  adapter_field: Union[str, None] = None  # column naming each row's adapter (one per value)
-
-
-@dataclasses.dataclass
-class TrainConfig:
-  steps: int = 1000
-  batch_size: int = 8
-  grad_accum: int = 1
-  lr: float = 2e-4
-  warmup_steps: int = 0
-  min_lr_ratio: float = 0.1         # cosine decays to lr * min_lr_ratio
-  weight_decay: float = 0.0
-  max_grad_norm: float = 1.0        # 0 disables clipping
-  eval_every: int = 0               # 0: only at the end
-  eval_batches: int = 0             # 0: the whole eval set
-  save_every: int = 100
-  keep_checkpoints: int = 3
-  log_every: int = 10
-  seed: int = 0
-  loss_chunk_size: int = 512        # 0: the loss from the full (batch, seq, vocab) logits
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
-class MeshConfig:
-  data: int = 1
-  fsdp: int = -1          # -1: all remaining devices
-  tensor: int = 1
-  rules: str = "fsdp"     # fsdp | fsdp_tp
+class ModelSection:
+  """``model.*``: the base checkpoint, its dtypes and how its layers run."""
+  path: str = key("", "local Hugging Face checkpoint directory (config.json, safetensors, "
+                  "tokenizer)")
+  dtype: str = key("float32", "compute dtype: float32 (CPU) or bfloat16 (accelerators)",
+                   choices=_DTYPES)
+  param_dtype: str = key("float32", "dtype the base weights are held in", choices=_DTYPES)
+  remat: Union[str, None] = key(None, "rematerialise layers in the backward pass",
+                                choices=(None, "full", "dots", "dots_no_batch"))
+  quantize: Union[str, None] = key(
+      None, "quantize the frozen base kernels (QLoRA); adapters stay float32, embeddings, "
+      "norms and the output head stay float", choices=(None, "nf4", "fp4", "int8"))
+  quant_block_size: int = key(64, "values per 4-bit block (nf4/fp4; bitsandbytes' default 64)",
+                              ge=2, multiple_of=2)
+  double_quant: bool = key(True, "quantize the 4-bit block maxima again (QLoRA's double "
+                           "quantization)")
+  attention: str = key("auto", "attention implementation: auto picks cuDNN on NVIDIA GPUs, "
+                       "splash on TPU, XLA elsewhere; an explicit choice the platform cannot run "
+                       "is an error", choices=("auto", "xla", "cudnn", "splash", "flash"))
 
 
 @dataclasses.dataclass
-class DistributedConfig:
-  initialize: bool = False
-  coordinator_address: Union[str, None] = None
-  num_processes: Union[int, None] = None
-  process_id: Union[int, None] = None
+class LoraSection:
+  """``lora.*``: which layers get adapters, of what rank and scale."""
+  rank: int = key(16, "LoRA rank r", gt=0)
+  alpha: Union[float, None] = key(None, "LoRA alpha (scale alpha/r); default: rank")
+  targets: Union[str, list] = key("all-linear", "regex over module paths, a preset (all-linear, "
+                                  "attention, mlp) or a list")
+  exclude: Union[str, list, None] = key(None, "layers to leave out, same language as targets")
+  rank_pattern: dict = key(factory=dict, doc="{regex: rank} per-layer ranks")
+  alpha_pattern: dict = key(factory=dict, doc="{regex: alpha} per-layer alphas")
+  use_rslora: bool = key(False, "scale by alpha/sqrt(r)")
+  init: str = key("kaiming", "A initialisation: kaiming (PEFT's default) or gaussian",
+                  choices=("kaiming", "gaussian"))
+  dropout: float = key(0.0, "dropout on the LoRA input during training", ge=0, lt=1)
+
+
+@dataclasses.dataclass
+class DataSection:
+  """``data.*``: the data files, their format and how examples become rows."""
+  train_file: str = key("", "training data: .jsonl/.json/.csv/.parquet/.txt")
+  eval_file: Union[str, None] = key(None, "evaluation data (optional)")
+  format: str = key("text", "text (loss on all tokens), prompt_completion (loss on the "
+                    "completion), chat (messages rendered with the chat template; loss on "
+                    "assistant turns)", choices=("text", "prompt_completion", "chat"))
+  text_field: str = key("text", "column with the text (format text)")
+  prompt_field: str = key("prompt", "column with the prompt (prompt_completion)")
+  completion_field: str = key("completion", "column with the completion (prompt_completion)")
+  messages_field: str = key("messages", "column with the chat messages (chat)")
+  max_length: int = key(512, "longest example in tokens (at most the model's context)", gt=0)
+  truncate: bool = key(False, "cut over-long examples instead of stopping with an error")
+  eval_fraction: float = key(0.0, "share of train_file held out for evaluation when no "
+                             "eval_file", ge=0, lt=1)
+  seed: int = key(0, "shuffling seed")
+  packing: bool = key(False, "pack several examples into each training row of data.max_length "
+                      "(first-fit in shuffled order; examples attend only within themselves and "
+                      "the loss never crosses them); evaluation stays one example per row")
+  adapter_field: Union[str, None] = key(
+      None, "column naming each row's adapter: trains one adapter per distinct value at once "
+      "(an adapter bank; each adapter's loss is its own token mean), saved to adapters/<name>/ "
+      "and adapters_peft/<name>/; not with data.packing")
+
+
+@dataclasses.dataclass
+class TrainSection:
+  """``train.*``: the optimizer, its schedule, and how often to evaluate, save and log."""
+  steps: int = key(1000, "optimizer steps (raise it and rerun to continue a finished run)", gt=0)
+  batch_size: int = key(8, "examples per micro-batch", gt=0)
+  grad_accum: int = key(1, "micro-batches per optimizer step", gt=0)
+  lr: float = key(2e-4, "peak learning rate (adamw)", gt=0)
+  warmup_steps: int = key(0, "linear warm-up steps before the cosine decay")
+  min_lr_ratio: float = key(0.1, "final learning rate as a share of the peak")
+  weight_decay: float = key(0.0, "adamw weight decay")
+  max_grad_norm: float = key(1.0, "global gradient-norm clipping; 0 disables it")
+  eval_every: int = key(0, "evaluate every N steps (0: at the start and the end only)")
+  eval_batches: int = key(0, "evaluation batches per evaluation (0: all)")
+  save_every: int = key(100, "checkpoint every N steps", gt=0)
+  keep_checkpoints: int = key(3, "how many recent checkpoints to keep", gt=0)
+  log_every: int = key(10, "write metrics every N steps", gt=0)
+  seed: int = key(0, "seed for the adapter init and dropout")
+  loss_chunk_size: int = key(
+      512, "sequence positions per chunk of the output head and loss, so the full float32 "
+      "logits never exist (the same loss); 0: full logits. An adapter on the head gets no LoRA "
+      "dropout when chunked", ge=0)
+
+
+@dataclasses.dataclass
+class MeshSection:
+  """``mesh.*``: the device mesh and how parameters and batches are sharded over it."""
+  data: int = key(1, "data-parallel mesh size (params replicated)")
+  fsdp: int = key(-1, "FSDP mesh size (params and batch sharded); -1: all remaining devices")
+  tensor: int = key(1, "tensor-parallel mesh size")
+  rules: str = key("fsdp", "logical-axis rules: fsdp (shard the embed axis) or fsdp_tp (plus "
+                   "heads/mlp over tensor)", choices=("fsdp", "fsdp_tp"))
+
+
+@dataclasses.dataclass
+class DistributedSection:
+  """``distributed.*``: multi-host start-up (`jax.distributed.initialize`)."""
+  initialize: bool = key(False, "call jax.distributed.initialize() first (multi-host; TPU pods "
+                         "and SLURM need no other setting)")
+  coordinator_address: Union[str, None] = key(None, "host:port of process 0 (GPU clusters "
+                                              "without SLURM)")
+  num_processes: Union[int, None] = key(None, "number of processes (GPU clusters without SLURM)")
+  process_id: Union[int, None] = key(None, "this process's index (GPU clusters without SLURM)")
+
+
+def _section(cls: type) -> Any:
+  return dataclasses.field(default_factory=cls)
 
 
 @dataclasses.dataclass
 class Config:
-  output_dir: str = "runs/default"
-  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
-  data: DataConfig = dataclasses.field(default_factory=DataConfig)
-  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-  distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+  """A whole training configuration: `output_dir` and one dataclass per section.
+
+  >>> Config(output_dir="runs/a", lora=LoraSection(rank=8)).lora.rank
+  8
+  """
+  output_dir: str = key("runs/default", "run directory; rerunning the same config there "
+                        "resumes it")
+  model: ModelSection = _section(ModelSection)
+  lora: LoraSection = _section(LoraSection)
+  data: DataSection = _section(DataSection)
+  train: TrainSection = _section(TrainSection)
+  mesh: MeshSection = _section(MeshSection)
+  distributed: DistributedSection = _section(DistributedSection)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
 
-_CHOICES = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.param_dtype": ("float32", "bfloat16", "float16"),
-    "model.remat": (None, "full", "dots", "dots_no_batch"),
-    "model.quantize": (None, "none", "nf4", "fp4", "int8"),
-    "model.attention": ("auto", "xla", "cudnn", "splash", "flash"),
-    "lora.init": ("kaiming", "gaussian"),
-    "data.format": ("text", "prompt_completion", "chat"),
-    "mesh.rules": ("fsdp", "fsdp_tp"),
-}
+# The sections' names before they were renamed: `ModelConfig` read as `jaxlora.models.ModelConfig`
+# and `LoraConfig` as PEFT's. Kept for one release; each use warns.
+_DEPRECATED = {"ModelConfig": "ModelSection", "LoraConfig": "LoraSection",
+               "DataConfig": "DataSection", "TrainConfig": "TrainSection",
+               "MeshConfig": "MeshSection", "DistributedConfig": "DistributedSection"}
+
+
+def __getattr__(name: str) -> Any:
+  if name in _DEPRECATED:
+    new = _DEPRECATED[name]
+    warnings.warn(f"jaxlora_cli.config.{name} is deprecated; use jaxlora_cli.config.{new}",
+                  DeprecationWarning, stacklevel=2)
+    return globals()[new]
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def keys(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+  """``(dotted key, field, type)`` of every config key, sections expanded, in declaration order.
+
+  >>> [k for k, _, _ in keys()][:3]
+  ['output_dir', 'model.path', 'model.dtype']
+  """
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    if dataclasses.is_dataclass(hints[f.name]):
+      yield from keys(hints[f.name], f"{prefix}{f.name}.")
+    else:
+      yield prefix + f.name, f, hints[f.name]
+
+
+def _show(value: Any) -> str:
+  return "null" if value is None else str(value)
+
+
+def allowed(meta: typing.Mapping[str, Any]) -> str | None:
+  """The values a key's metadata allows, in words; None when its type is the only limit.
+
+  >>> allowed({"ge": 0, "lt": 1}), allowed({"gt": 0}), allowed({"choices": (None, "nf4")})
+  ('in [0, 1)', 'positive', 'one of null, nf4')
+  """
+  if meta.get("choices") is not None:
+    return "one of " + ", ".join(map(_show, meta["choices"]))
+  ge, gt, lt, mult = (meta.get(k) for k in ("ge", "gt", "lt", "multiple_of"))
+  parts = []
+  if mult is not None:
+    parts.append(f"a multiple of {mult}")
+  if ge is not None and lt is not None:
+    parts.append(f"in [{ge}, {lt})")
+  elif gt == 0 and lt is None:
+    parts.append("positive")
+  elif ge == 0 and lt is None:
+    parts.append("positive or 0")
+  else:
+    parts += ([f"at least {ge}"] if ge is not None else []) + \
+             ([f"more than {gt}"] if gt is not None else []) + \
+             ([f"less than {lt}"] if lt is not None else [])
+  return " and ".join(parts) or None
+
+
+def _check(name: str, value: Any, meta: typing.Mapping[str, Any]) -> Any:
+  """`value` if the key's declaration allows it (``none`` read as None), else a ConfigError."""
+  choices = meta.get("choices")
+  if choices is not None:
+    if None in choices and isinstance(value, str) and value.lower() == "none":
+      value = None  # YAML reads `none` as a string; store one spelling
+    if value not in choices:
+      raise ConfigError(f"config key '{name}' must be {allowed(meta)}, got {value!r}")
+    return value
+  if value is None or isinstance(value, (bool, str, list, dict)):
+    return value
+  ge, gt, lt, mult = (meta.get(k) for k in ("ge", "gt", "lt", "multiple_of"))
+  if ((ge is not None and value < ge) or (gt is not None and value <= gt)
+      or (lt is not None and value >= lt) or (mult is not None and value % mult)):
+    raise ConfigError(f"config key '{name}' must be {allowed(meta)}, got {value!r}")
+  return value
 
 
 def _type_name(tp: Any) -> str:
@@ -125,7 +294,7 @@ def _type_name(tp: Any) -> str:
   return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
+def _coerce(name: str, value: Any, tp: Any) -> Any:
   """Checks `value` against the field type `tp` (ints are accepted for floats)."""
   options = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
   for opt in options:
@@ -144,7 +313,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         pass
     if opt in (str, list, dict) and isinstance(value, opt):
       return value
-  raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+  raise ConfigError(f"config key '{name}' must be {_type_name(tp)}, got {value!r}")
 
 
 def _set(cfg: Any, dotted: str, value: Any, prefix: str = "") -> None:
@@ -168,9 +337,7 @@ def _set(cfg: Any, dotted: str, value: Any, prefix: str = "") -> None:
     raise ConfigError(f"unknown config key '{full}.{rest}': '{full}' is not a section")
   hints = typing.get_type_hints(type(cfg))
   value = _coerce(full, value, hints[head])
-  if full in _CHOICES and value not in _CHOICES[full]:
-    raise ConfigError(f"config key '{full}' must be one of {_CHOICES[full]}, got {value!r}")
-  setattr(cfg, head, value)
+  setattr(cfg, head, _check(full, value, fields[head].metadata))
 
 
 def load(path: str | None, overrides: list[str] = ()) -> Config:
@@ -190,8 +357,11 @@ def load(path: str | None, overrides: list[str] = ()) -> Config:
       raw = yaml.safe_load(epath.Path(path).read_text()) or {}
     except FileNotFoundError:
       raise ConfigError(f"config file {path} not found") from None
-    except yaml.YAMLError as e:
-      raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+      raise ConfigError(f"config file {path} could not be read: {e}") from None
+    except yaml.YAMLError as e:  # its message spans lines: where and what, kept on one
+      raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") \
+          from None
     if not isinstance(raw, dict):
       raise ConfigError(f"config file {path} must hold a mapping of sections")
     for k, v in raw.items():
@@ -210,27 +380,23 @@ def load(path: str | None, overrides: list[str] = ()) -> Config:
 
 
 def validate(cfg: Config) -> None:
-  """Range checks that types alone do not catch."""
-  positive = {"lora.rank": cfg.lora.rank, "data.max_length": cfg.data.max_length,
-              "train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
-              "train.grad_accum": cfg.train.grad_accum, "train.save_every": cfg.train.save_every,
-              "train.keep_checkpoints": cfg.train.keep_checkpoints,
-              "train.log_every": cfg.train.log_every}
-  for k, v in positive.items():
-    if v <= 0:
-      raise ConfigError(f"config key '{k}' must be positive, got {v}")
-  if cfg.model.quantize == "none":  # `none` reads as a string in YAML; store one spelling
-    cfg.model.quantize = None
-  if cfg.model.quant_block_size < 2 or cfg.model.quant_block_size % 2:
-    raise ConfigError(f"config key 'model.quant_block_size' must be a positive even number "
-                      f"(bitsandbytes uses 64), got {cfg.model.quant_block_size}")
-  if not 0 <= cfg.lora.dropout < 1:
-    raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
-  if not 0 <= cfg.data.eval_fraction < 1:
-    raise ConfigError(f"config key 'data.eval_fraction' must be in [0, 1), got "
-                      f"{cfg.data.eval_fraction}")
-  if cfg.train.lr <= 0:
-    raise ConfigError(f"config key 'train.lr' must be positive, got {cfg.train.lr}")
+  """Checks every key against its declaration (for configs built in code too) and the rules
+  that tie keys together.
+
+  Raises:
+    ConfigError: a value outside its key's choices or range, or keys that do not combine.
+
+  >>> cfg = Config()
+  >>> cfg.lora.dropout = 1.5
+  >>> validate(cfg)
+  Traceback (most recent call last):
+  ...
+  jaxlora_cli.config.ConfigError: config key 'lora.dropout' must be in [0, 1), got 1.5
+  """
+  for name, f, _ in keys():
+    section, _, leaf = name.rpartition(".")
+    owner = getattr(cfg, section) if section else cfg
+    setattr(owner, leaf, _check(name, getattr(owner, leaf), f.metadata))
   if cfg.data.adapter_field is not None and cfg.data.packing:
     raise ConfigError(f"config keys 'data.adapter_field'={cfg.data.adapter_field!r} and "
                       "'data.packing'=true cannot be combined: a packed row would mix "
@@ -239,93 +405,64 @@ def validate(cfg: Config) -> None:
   if cfg.data.adapter_field == "":
     raise ConfigError("config key 'data.adapter_field' is empty; name the column that holds "
                       "each row's adapter (e.g. data.adapter_field=task), or leave it unset")
-  if cfg.train.loss_chunk_size < 0:
-    raise ConfigError(f"config key 'train.loss_chunk_size' must be positive, or 0 for the "
-                      f"full-logits loss, got {cfg.train.loss_chunk_size}")
 
 
 def dump(cfg: Config) -> str:
   return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-DOCS = {
-    "output_dir": "run directory; rerunning the same config there resumes it",
-    "model.path": "local Hugging Face checkpoint directory (config.json, safetensors, tokenizer)",
-    "model.dtype": "compute dtype: float32 (CPU) or bfloat16 (accelerators)",
-    "model.param_dtype": "dtype the base weights are held in",
-    "model.remat": "rematerialise layers in the backward pass: full, dots, dots_no_batch",
-    "model.quantize": "quantize the frozen base kernels (QLoRA): nf4, fp4, int8 or none; "
-                      "adapters stay float32, embeddings, norms and the output head stay float",
-    "model.quant_block_size": "values per 4-bit block (nf4/fp4; bitsandbytes' default 64)",
-    "model.double_quant": "quantize the 4-bit block maxima again (QLoRA's double quantization)",
-    "model.attention": "attention implementation: auto (cuDNN on NVIDIA GPUs, splash on TPU, "
-                       "XLA elsewhere), xla, cudnn, splash or flash; an explicit choice the "
-                       "platform cannot run is an error",
-    "lora.rank": "LoRA rank r",
-    "lora.alpha": "LoRA alpha (scale alpha/r); default: rank",
-    "lora.targets": "regex over module paths, a preset (all-linear, attention, mlp) or a list",
-    "lora.exclude": "layers to leave out, same language as targets",
-    "lora.rank_pattern": "{regex: rank} per-layer ranks",
-    "lora.alpha_pattern": "{regex: alpha} per-layer alphas",
-    "lora.use_rslora": "scale by alpha/sqrt(r)",
-    "lora.init": "A initialisation: kaiming (PEFT's default) or gaussian",
-    "lora.dropout": "dropout on the LoRA input during training",
-    "data.train_file": "training data: .jsonl/.json/.csv/.parquet/.txt",
-    "data.eval_file": "evaluation data (optional)",
-    "data.format": "text (loss on all tokens), prompt_completion (loss on the completion), "
-                   "chat (messages rendered with the chat template; loss on assistant turns)",
-    "data.text_field": "column with the text (format text)",
-    "data.prompt_field": "column with the prompt (prompt_completion)",
-    "data.completion_field": "column with the completion (prompt_completion)",
-    "data.messages_field": "column with the chat messages (chat)",
-    "data.max_length": "longest example in tokens (at most the model's context)",
-    "data.truncate": "cut over-long examples instead of stopping with an error",
-    "data.eval_fraction": "share of train_file held out for evaluation when no eval_file",
-    "data.seed": "shuffling seed",
-    "data.packing": "pack several examples into each training row of data.max_length "
-                    "(first-fit in shuffled order; examples attend only within themselves and "
-                    "the loss never crosses them); evaluation stays one example per row",
-    "data.adapter_field": "column naming each row's adapter: trains one adapter per distinct "
-                          "value at once (an adapter bank; each adapter's loss is its own "
-                          "token mean), saved to adapters/<name>/ and adapters_peft/<name>/; "
-                          "not with data.packing",
-    "train.steps": "optimizer steps (raise it and rerun to continue a finished run)",
-    "train.batch_size": "examples per micro-batch",
-    "train.grad_accum": "micro-batches per optimizer step",
-    "train.lr": "peak learning rate (adamw)",
-    "train.warmup_steps": "linear warm-up steps before the cosine decay",
-    "train.min_lr_ratio": "final learning rate as a share of the peak",
-    "train.weight_decay": "adamw weight decay",
-    "train.max_grad_norm": "global gradient-norm clipping; 0 disables it",
-    "train.eval_every": "evaluate every N steps (0: at the start and the end only)",
-    "train.eval_batches": "evaluation batches per evaluation (0: all)",
-    "train.save_every": "checkpoint every N steps",
-    "train.keep_checkpoints": "how many recent checkpoints to keep",
-    "train.log_every": "write metrics every N steps",
-    "train.seed": "seed for the adapter init and dropout",
-    "train.loss_chunk_size": "sequence positions per chunk of the output head and loss, so the "
-                             "full float32 logits never exist (the same loss); 0: full logits. "
-                             "An adapter on the head gets no LoRA dropout when chunked",
-    "mesh.data": "data-parallel mesh size (params replicated)",
-    "mesh.fsdp": "FSDP mesh size (params and batch sharded); -1: all remaining devices",
-    "mesh.tensor": "tensor-parallel mesh size",
-    "mesh.rules": "logical-axis rules: fsdp (shard the embed axis) or fsdp_tp (plus heads/mlp "
-                  "over tensor)",
-    "distributed.initialize": "call jax.distributed.initialize() first (multi-host; TPU pods "
-                              "and SLURM need no other setting)",
-    "distributed.coordinator_address": "host:port of process 0 (GPU clusters without SLURM)",
-    "distributed.num_processes": "number of processes (GPU clusters without SLURM)",
-    "distributed.process_id": "this process's index (GPU clusters without SLURM)",
-}
+def check_output_dir(path: str, name: str) -> None:
+  """Refuses an output directory that cannot be created: `path` or a parent is a file.
+
+  Called before anything is read or written, so a wrong path costs nothing. A
+  URL (``gs://...``) is left to its writer.
+
+  Args:
+    path: the directory a command will write (it may not exist yet).
+    name: how the user gave it, for the message (``output_dir``, ``--out``).
+
+  Raises:
+    ConfigError: naming the file in the way.
+
+  >>> import tempfile
+  >>> f = tempfile.NamedTemporaryFile()
+  >>> check_output_dir(f.name + "/run", "--out")  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  jaxlora_cli.config.ConfigError: --out .../run: ... is a file, not a directory; ...
+  """
+  from jaxlora_cli import reporting  # pylint: disable=import-outside-toplevel
+
+  if not path or reporting.is_remote(path):
+    return
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  if os.path.exists(existing) and not os.path.isdir(existing):
+    where = "" if existing == os.path.abspath(path) else f": {existing}"
+    raise ConfigError(f"{name} {path}{where} is a file, not a directory; give a directory "
+                      "path (a new one is created)")
+
+
+# {dotted key: help}, from the declarations above.
+DOCS = {name: f.metadata["help"] for name, f, _ in keys()}
+
+
+def _default(f: dataclasses.Field) -> Any:
+  return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def describe() -> str:
-  """Every config key with its default and meaning (for `jaxlora train --help`)."""
-  defaults = Config().to_dict()
+  """Every config key with its default, meaning and allowed values (for ``jaxlora train --help``).
+
+  >>> print("\\n".join(describe().splitlines()[:3]))
+  config keys (section.key=value; defaults in brackets):
+    output_dir ['runs/default']: run directory; rerunning the same config there resumes it
+    model.path ['']: local Hugging Face checkpoint directory (config.json, safetensors, tokenizer)
+  """
   lines = ["config keys (section.key=value; defaults in brackets):"]
-  for key, doc in DOCS.items():
-    node: Any = defaults
-    for part in key.split("."):
-      node = node[part]
-    lines.append(f"  {key} [{node!r}]: {doc}")
+  for name, f, _ in keys():
+    limit = allowed(f.metadata)
+    lines.append(f"  {name} [{_default(f)!r}]: {f.metadata['help']}"
+                 + (f"; must be {limit}" if limit else ""))
   return "\n".join(lines)

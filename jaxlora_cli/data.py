@@ -19,15 +19,17 @@ names to bank slots; -1 marks an empty row).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
 import numpy as np
 
-from jaxlora_cli.config import ConfigError, DataConfig
+from jaxlora_cli.config import ConfigError, DataSection
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
              ".txt": "text", ".text": "text"}
+_KINDS = {"json": "JSON or JSON lines", "csv": "CSV", "parquet": "Parquet", "text": "text"}
 
 
 @dataclasses.dataclass
@@ -52,14 +54,40 @@ def read_rows(path: str) -> Any:
   import datasets  # pylint: disable=import-outside-toplevel
 
   datasets.disable_progress_bars()
+  # On an unreadable file `datasets` logs its own ERROR line before it raises; the error below
+  # says the same with the path and the fix, so the user should see that one line only.
+  logger = logging.getLogger("datasets")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
   try:
     ds = datasets.load_dataset(_BUILDERS[ext], data_files=path, split="train",
                                keep_in_memory=True)
   except Exception as e:  # datasets raises many types for unreadable files
-    raise ConfigError(f"data file {path} could not be read: {type(e).__name__}: {e}") from None
+    raise ConfigError(f"data file {path} is not valid {_KINDS[_BUILDERS[ext]]}: {_cause(e)}; "
+                      "fix the file, or give it the extension of its format (one of "
+                      f"{', '.join(sorted(_BUILDERS))})") from None
+  finally:
+    logger.setLevel(level)
   if len(ds) == 0:
     raise ConfigError(f"data file {path} holds no rows")
   return ds
+
+
+def _cause(e: BaseException) -> str:
+  """The first line of the error under `datasets`' wrapper (which says only "An error occurred
+  while generating the dataset"), with its type.
+
+  >>> class DatasetGenerationError(Exception): ...
+  >>> try:
+  ...   raise DatasetGenerationError("An error occurred") from ValueError("bad row 1\\nmore")
+  ... except DatasetGenerationError as e:
+  ...   print(_cause(e))
+  ValueError: bad row 1
+  """
+  if type(e).__name__ == "DatasetGenerationError" and e.__cause__ is not None:
+    e = e.__cause__
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def _field(row: dict, name: str, i: int, path: str) -> Any:
@@ -81,7 +109,18 @@ def _eos(tokenizer) -> list[int]:
   return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-def tokenize(rows: Any, cfg: DataConfig, tokenizer, path: str) -> list[Example]:
+def _render(tokenizer, messages: list[dict], i: int, path: str, **kwargs) -> str:
+  """`messages` through the chat template; a template's own error names the row."""
+  import jinja2  # pylint: disable=import-outside-toplevel
+
+  try:
+    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+  except jinja2.TemplateError as e:  # e.g. "Conversation roles must alternate user/assistant"
+    raise ConfigError(f"{path} row {i}: the model's chat template refuses these messages: "
+                      f"{e}") from None
+
+
+def tokenize(rows: Any, cfg: DataSection, tokenizer, path: str) -> list[Example]:
   """Turns rows into examples with loss targets, per `cfg.format`."""
   out: list[Example] = []
   n = cfg.max_length
@@ -109,13 +148,16 @@ def tokenize(rows: Any, cfg: DataConfig, tokenizer, path: str) -> list[Example]:
       if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("data.format=chat needs a tokenizer with a chat template; this "
                           "model's tokenizer has none")
+      if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ConfigError(f"{path} row {i}: '{cfg.messages_field}' must be a list of "
+                          "{\"role\": ..., \"content\": ...} messages, got "
+                          f"{str(messages)[:60]!r}")
       ids, targets = [], []
       for j, msg in enumerate(messages):
         if msg.get("role") != "assistant":
           continue
-        before = tokenizer.apply_chat_template(messages[:j], tokenize=False,
-                                               add_generation_prompt=True) if j else ""
-        upto = tokenizer.apply_chat_template(messages[:j + 1], tokenize=False)
+        before = _render(tokenizer, messages[:j], i, path, add_generation_prompt=True) if j else ""
+        upto = _render(tokenizer, messages[:j + 1], i, path)
         if not upto.startswith(before):
           raise ConfigError(f"{path} row {i}: the chat template does not render turns as "
                             "prefixes of each other; use data.format=prompt_completion")

@@ -81,9 +81,11 @@ def run(out_dir: str = "runs/demo", steps: int = 800, seed: int = 0, progress: b
         log=print) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jaxlora  # pylint: disable=import-outside-toplevel
+  from jaxlora_cli import config as config_lib  # pylint: disable=import-outside-toplevel
   from jaxlora_cli import reporting, trainer  # pylint: disable=import-outside-toplevel
 
   t0 = time.time()
+  config_lib.check_output_dir(out_dir, "--out")  # before the task's data is written there
   _, eval_words = write_task(os.path.join(out_dir, "data"), seed)
   cfg = demo_config(out_dir, steps, seed)
   model, params = trainer.load_model(cfg)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+import traceback
 from jaxlora_cli import merge_adapters as merge_adapters_cli
 
 HELP_OVERRIDES = ("dotted config overrides, e.g. train.lr=1e-4 lora.rank=8 "
@@ -17,8 +19,21 @@ def _config_help() -> str:
   return config_lib.describe()
 
 
+class _Parser(argparse.ArgumentParser):
+  """An argument parser whose epilog may be a function, called only when help is shown.
+
+  The config keys' help needs `jaxlora_cli.config`, which imports jaxlora (and JAX):
+  only ``jaxlora train --help`` pays for that, not every command's parsing.
+  """
+
+  def format_help(self) -> str:
+    if callable(self.epilog):
+      self.epilog = self.epilog()
+    return super().format_help()
+
+
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = _Parser(
       prog="jaxlora", description="LoRA fine-tuning for JAX/Flax models from local Hugging Face "
       "checkpoints. Every command works offline.")
   p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -26,10 +41,11 @@ def _parser() -> argparse.ArgumentParser:
 
   t = sub.add_parser("train", help="train a LoRA adapter (rerun to resume)",
                      description="Train a LoRA adapter from a YAML config plus overrides. The "
-                     "run directory (output_dir) receives config.yaml, metrics.jsonl, tensorboard/, "
-                     "checkpoints/, adapter/ (Orbax), adapter_peft/ (PEFT), loss.png and "
-                     "report.md. Rerunning the same command resumes from the latest checkpoint.",
-                     epilog=_config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                     "run directory (output_dir) receives config.yaml, metrics.jsonl, "
+                     "tensorboard/, checkpoints/, adapter/ (Orbax), adapter_peft/ (PEFT), "
+                     "loss.png and report.md. Rerunning the same command resumes from the latest "
+                     "checkpoint.",
+                     epilog=_config_help, formatter_class=argparse.RawDescriptionHelpFormatter)
   t.add_argument("--config", help="YAML preset (see configs/); defaults otherwise")
   t.add_argument("--no-progress", action="store_true", help="no progress bar")
   t.add_argument("overrides", nargs="*", help=HELP_OVERRIDES)
@@ -71,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
   merge_adapters_cli.add_parser(sub)
   x = sub.add_parser("export", help="export a run's adapter as PEFT or merged HF checkpoint",
                      description="--format peft writes adapter_config.json + "
-                     "adapter_model.safetensors for PEFT/vLLM; --format hf writes the merged model.")
+                     "adapter_model.safetensors for PEFT/vLLM; --format hf writes the merged "
+                     "model.")
   x.add_argument("run_dir")
   x.add_argument("--format", choices=("peft", "hf"), required=True)
   x.add_argument("--out", required=True, help="output directory")
@@ -177,7 +194,7 @@ def _load_adapters(args, run_dir: str | None = None):
         trees[name] = jaxlora.peft.load(path, params, model=model)
       else:
         trees[name] = jaxlora.load(path, params)
-    except (FileNotFoundError, ValueError) as e:
+    except (jaxlora.errors.JaxloraError, FileNotFoundError) as e:  # not a bug's ValueError
       raise ConfigError(f"adapter {name!r} ({path}): {e}") from None
   return cfg, model, tok, params, trees
 
@@ -386,8 +403,10 @@ def _generate_adapters(args, run_dir: str | None) -> None:
 def _merged_export(run_dir: str, out: str) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import jaxlora  # pylint: disable=import-outside-toplevel
+  from jaxlora_cli import config as config_lib  # pylint: disable=import-outside-toplevel
   from jaxlora_cli import trainer  # pylint: disable=import-outside-toplevel
 
+  config_lib.check_output_dir(out, "--out")
   cfg, model, tok, params, tree = trainer.load_run(run_dir)
   # A quantized (QLoRA) base merges into float kernels; dequantize any kernel left quantized
   # (one without an adapter), so the checkpoint is a plain float one that transformers loads.
@@ -407,8 +426,10 @@ def _cmd_export(args) -> None:
     _merged_export(args.run_dir, args.out)
     return
   import jaxlora  # pylint: disable=import-outside-toplevel
+  from jaxlora_cli import config as config_lib  # pylint: disable=import-outside-toplevel
   from jaxlora_cli import trainer  # pylint: disable=import-outside-toplevel
 
+  config_lib.check_output_dir(args.out, "--out")
   cfg, model, tok, params, tree = trainer.load_run(args.run_dir)
   jaxlora.peft.save(args.out, tree, model=model,
                     base_model_name_or_path=os.path.abspath(cfg.model.path))
@@ -431,26 +452,61 @@ def main(argv: list[str] | None = None) -> int:
   for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
   os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-  from jaxlora_cli.config import ConfigError  # pylint: disable=import-outside-toplevel
-  from jaxlora_cli.trainer import TrainingDiverged  # pylint: disable=import-outside-toplevel
-
   commands = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate,
               "merge": _cmd_merge, "merge-adapters": merge_adapters_cli.cmd_merge_adapters,
               "export": _cmd_export, "plot": _cmd_plot,
               "demo": _cmd_demo}
   try:
     commands[args.command](args)
-  except TrainingDiverged as e:
+  except Exception as e:  # pylint: disable=broad-exception-caught  (sorted by _report)
     if args.debug:
       raise
+    return _report(e)
+  return EXIT_OK
+
+
+# Exit statuses of `jaxlora` (README, "The command line"); preemption.EXIT_CODE: rerun to resume.
+EXIT_OK = 0
+EXIT_BUG = 1       # an error inside jaxlora: the traceback is printed, please report it
+EXIT_INPUT = 2     # the input needs fixing: a one-line `error: ...` says what and how
+EXIT_DIVERGED = 3  # the loss became NaN or infinite; the last good checkpoint is kept
+
+# OS errors that come from the machine, never from a mistake in jaxlora: no permission, a
+# read-only file system, a full disk or quota.
+_ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                                 errno.EDQUOT})
+
+
+def _report(e: Exception) -> int:
+  """Prints a command's error for the user and returns the exit status.
+
+  A `jaxlora.errors.JaxloraError` (bad input: the CLI's own checks raise
+  `jaxlora_cli.config.ConfigError`, one of them), an OS error of the machine and
+  running out of device memory print one line; a diverged run prints its
+  message; anything else is a bug in jaxlora and prints its traceback and a
+  request to report it.
+  """
+  from jaxlora import errors  # pylint: disable=import-outside-toplevel
+  from jaxlora_cli.trainer import TrainingDiverged  # pylint: disable=import-outside-toplevel
+
+  if isinstance(e, TrainingDiverged):
     print(f"error: {e}", file=sys.stderr)
-    return 3
-  except (ConfigError, FileNotFoundError, ValueError, TypeError) as e:
-    if args.debug:
-      raise
+    return EXIT_DIVERGED
+  if isinstance(e, errors.JaxloraError) or (
+      isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS):
     print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+    return EXIT_INPUT
+  first = (str(e).strip().splitlines() or [""])[0]
+  if type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in first:
+    # The run does not fit the device: a setting to change, not a bug.
+    print(f"error: the device ran out of memory ({first}); lower train.batch_size or "
+          "data.max_length (raise train.grad_accum to keep the batch), set model.remat=full, "
+          "or shard over more devices (mesh.*)", file=sys.stderr)
+    return EXIT_INPUT
+  traceback.print_exception(e)
+  print("error: this is a bug in jaxlora, not a problem with your input; please report it with "
+        "the command line and the traceback above", file=sys.stderr)
+  return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ import json
 import os
 import sys
 
-from jaxlora_cli.config import ConfigError
-
 DESCRIPTION = (
     "Combine LoRA adapters of one base model into a new PEFT adapter with the combination types "
     "of PEFT's add_weighted_adapter: linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, "
@@ -53,12 +51,26 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
   return p
 
 
+def _error(message: str) -> Exception:
+  """A `jaxlora_cli.config.ConfigError` (imported late: see the module docstring)."""
+  from jaxlora_cli.config import ConfigError  # pylint: disable=import-outside-toplevel
+  return ConfigError(message)
+
+
+def _read_json(path: str, what: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:  # ValueError: not JSON
+    raise _error(f"{what} {path} could not be read: {e}") from None
+
+
 def _adapter_dir(name: str, path: str) -> str:
   for candidate in (path, os.path.join(path, "adapter_peft")):
     if os.path.isfile(os.path.join(candidate, "adapter_config.json")):
       return candidate
-  raise ConfigError(f"adapter {name!r}: {path} is neither a PEFT adapter directory "
-                    "(adapter_config.json) nor a jaxlora run directory with adapter_peft/")
+  raise _error(f"adapter {name!r}: {path} is neither a PEFT adapter directory "
+               "(adapter_config.json) nor a jaxlora run directory with adapter_peft/")
 
 
 def _parse_adapters(text: str) -> dict[str, str]:
@@ -67,9 +79,9 @@ def _parse_adapters(text: str) -> dict[str, str]:
     name, sep, path = item.partition("=")
     name, path = name.strip(), path.strip()
     if not sep or not name or not path:
-      raise ConfigError(f"--adapters takes NAME=DIR pairs separated by commas, got {item!r}")
+      raise _error(f"--adapters takes NAME=DIR pairs separated by commas, got {item!r}")
     if name in out:
-      raise ConfigError(f"--adapters names {name!r} twice")
+      raise _error(f"--adapters names {name!r} twice")
     out[name] = _adapter_dir(name, path)
   return out
 
@@ -78,22 +90,25 @@ def _parse_weights(text: str, names: list[str]) -> list[float]:
   try:
     weights = [float(w) for w in text.split(",")]
   except ValueError:
-    raise ConfigError(f"--weights takes numbers separated by commas, got {text!r}") from None
+    raise _error(f"--weights takes numbers separated by commas, got {text!r}") from None
   if len(weights) != len(names):
-    raise ConfigError(f"--weights has {len(weights)} values for {len(names)} adapters "
-                      f"({', '.join(names)})")
+    raise _error(f"--weights has {len(weights)} values for {len(names)} adapters "
+                 f"({', '.join(names)})")
   return weights
 
 
 def _base_dir(args, adapters: dict[str, str]) -> str:
   if args.base:
+    if not os.path.isfile(os.path.join(args.base, "config.json")):
+      raise _error(f"--base {args.base} is not a Hugging Face checkpoint directory (no "
+                   "config.json)")
     return args.base
   name, first = next(iter(adapters.items()))
-  with open(os.path.join(first, "adapter_config.json")) as f:
-    base = json.load(f).get("base_model_name_or_path")
+  base = _read_json(os.path.join(first, "adapter_config.json"), f"adapter {name!r}:").get(
+      "base_model_name_or_path")
   if not base or not os.path.isfile(os.path.join(base, "config.json")):
-    raise ConfigError(f"adapter {name!r} names no local base checkpoint "
-                      f"(base_model_name_or_path={base!r}); pass --base DIR")
+    raise _error(f"adapter {name!r} names no local base checkpoint "
+                 f"(base_model_name_or_path={base!r}); pass --base DIR")
   return base
 
 
@@ -104,8 +119,10 @@ def cmd_merge_adapters(args: argparse.Namespace) -> None:
   `jaxlora.merge_adapters` and writes the result with `jaxlora.peft.save`.
 
   Raises:
-    ConfigError: unreadable ``--adapters``/``--weights``, or no base checkpoint.
-    ValueError: what `jaxlora.merge_adapters` refuses (method, options, shapes).
+    jaxlora_cli.config.ConfigError: unreadable ``--adapters``/``--weights``, no base
+      checkpoint, or an ``--out`` that is a file.
+    jaxlora.errors.InputError: what `jaxlora.merge_adapters` refuses (method, options,
+      shapes).
 
   >>> cmd_merge_adapters(argparse.Namespace(adapters="a", weights="1", out="o"))
   Traceback (most recent call last):
@@ -117,15 +134,17 @@ def cmd_merge_adapters(args: argparse.Namespace) -> None:
   method = getattr(args, "method", "linear")
   seed = getattr(args, "seed", None)
   if seed is not None and not method.startswith("dare"):
-    raise ConfigError(f"--seed is for the dare methods; --method {method} draws nothing")
+    raise _error(f"--seed is for the dare methods; --method {method} draws nothing")
   base = _base_dir(args, adapters)
 
   import jax  # pylint: disable=import-outside-toplevel
   import jaxlora  # pylint: disable=import-outside-toplevel
+  from jaxlora_cli import config as config_lib  # pylint: disable=import-outside-toplevel
 
+  config_lib.check_output_dir(args.out, "--out")
   config_path = os.path.join(base, "config.json")
-  with open(config_path) as f:
-    hf = {k: v for k, v in json.load(f).items() if k != "quantization_config"}
+  hf = {k: v for k, v in _read_json(config_path, "base config").items()
+        if k != "quantization_config"}
   config = jaxlora.models.ModelConfig.from_hf(hf, source=config_path)
   model = jaxlora.models.Decoder(config)
   # Shapes are all the adapters need from the base: no weights are read.

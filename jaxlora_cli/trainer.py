@@ -346,6 +346,7 @@ def process_rows(batch_sharding, batch_size: int) -> tuple[int, int]:
 
 def check_run_dir(cfg: Config) -> bool:
   """True to resume. Refuses an output directory that holds a different run."""
+  config_lib.check_output_dir(cfg.output_dir, "output_dir")  # not a file, nor under one
   out = epath.Path(run_path(cfg.output_dir))
   saved = out / "config.yaml"
   if not out.exists():

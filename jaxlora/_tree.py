@@ -43,6 +43,39 @@ def join(path: Path) -> str:
   return "/".join(str(p) for p in path)
 
 
+_RAISE = object()  # `lookup`'s default: no default, raise
+
+
+def lookup(tree: Any, path: Path, default: Any = _RAISE) -> Any:
+  """The value at `path` (a tuple of keys) in nested dicts.
+
+  Args:
+    tree: nested dicts.
+    path: the keys to follow, outermost first; ``()`` is `tree` itself.
+    default: returned where `path` leaves the tree (a missing key, or a leaf
+      where a dict should be).
+
+  Returns:
+    The value at `path`, or `default`.
+
+  Raises:
+    InputError: where `path` leaves the tree and no `default` is given; the
+      message names the path and the first key that is missing.
+
+  >>> lookup({"a": {"b": 1}}, ("a", "b")), lookup({"a": {"b": 1}}, ("a", "c"), None)
+  (1, None)
+  """
+  node = tree
+  for i, k in enumerate(path):
+    if not isinstance(node, Mapping) or k not in node:
+      if default is not _RAISE:
+        return default
+      where = f"'{join(path[:i])}'" if i else "the tree"
+      raise InputError(f"Nothing at '{join(path)}': {where} has no entry {k!r}.")
+    node = node[k]
+  return node
+
+
 def iter_modules(params: Mapping, prefix: Path = ()) -> Iterator[tuple[Path, Mapping]]:
   """Yields `(path, module_dict)` for every dict in the tree, depth first, sorted."""
   yield prefix, params
@@ -82,6 +115,36 @@ def filter_tree(tree: Mapping, keep: Callable[[str], bool], *, prune: bool) -> d
     elif keep(k):
       out[k] = v
   return out
+
+
+def is_adapter_key(key: Any) -> bool:
+  """True for the names of the leaves an adapter adds to a module (lora_a, lora_b, lora_scale)."""
+  return key in ADAPTER_KEYS
+
+
+def adapter_leaves(tree: Mapping) -> dict:
+  """The adapter leaves of `tree` alone; dicts left without any are dropped."""
+  return filter_tree(tree, is_adapter_key, prune=True)
+
+
+def base_leaves(tree: Mapping, *, prune: bool) -> dict:
+  """`tree` less its adapter leaves; with `prune`, dicts left empty are dropped."""
+  return filter_tree(tree, lambda k: not is_adapter_key(k), prune=prune)
+
+
+def module_base(module: Mapping) -> dict:
+  """One module dict's own entries less its adapter leaves (child dicts kept as they are)."""
+  return {k: v for k, v in module.items() if not is_adapter_key(k)}
+
+
+def trainable_leaves(tree: Mapping) -> dict:
+  """The trained leaves (lora_a, lora_b) alone; dicts left without any are dropped."""
+  return filter_tree(tree, lambda k: k in TRAINABLE_KEYS, prune=True)
+
+
+def frozen_leaves(tree: Mapping) -> dict:
+  """`tree` less its trained leaves, every dict kept (the other half of `trainable_leaves`)."""
+  return filter_tree(tree, lambda k: k not in TRAINABLE_KEYS, prune=False)
 
 
 def merge_trees(a: Mapping, b: Mapping, path: Path = ()) -> dict:

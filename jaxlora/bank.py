@@ -188,7 +188,7 @@ def stack(trees: Mapping[str, PyTree], *, capacity: int | None = None,
       entries[name][path] = _Entry(r, tuple(np.shape(m[SCALE_KEY])), m[A_KEY].dtype,
                                    m[B_KEY].dtype, jnp.asarray(m[SCALE_KEY]).dtype)
     path_t, bmod = base_mods[path]
-    new = {k: v for k, v in bmod.items() if k not in _tree.ADAPTER_KEYS}
+    new = _tree.module_base(bmod)
     new.update({A_KEY: jnp.asarray(a), B_KEY: jnp.asarray(b), SCALE_KEY: jnp.asarray(s)})
     new_modules[path_t] = new
   tree = _tree.with_params(trees[first], _tree.replace_modules(base, new_modules))
@@ -234,7 +234,7 @@ def unstack(bank: Bank) -> dict[str, PyTree]:
     new_modules = {}
     for path, mod in _tree.adapter_modules(params):
       key = _tree.join(path)
-      plain = {k: v for k, v in mod.items() if k not in _tree.ADAPTER_KEYS}
+      plain = _tree.module_base(mod)
       if key in bank.entries[name]:
         plain.update(_slot_leaves(mod, slot, bank.entries[name][key]))
       new_modules[path] = plain

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -13,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxlora import _files
 from jaxlora import _multihost
 from jaxlora import _tree
 from jaxlora import kernel_layout as layout_lib
@@ -33,8 +35,7 @@ def fingerprint(params: Any) -> str:
   >>> fingerprint({"d": {"kernel": jnp.ones((2, 3))}}) == fingerprint({"d": {"kernel": jnp.zeros((2, 3))}})
   True
   """
-  p = _tree.filter_tree(_tree.get_params(params), lambda k: k not in _tree.ADAPTER_KEYS,
-                        prune=True)
+  p = _tree.base_leaves(_tree.get_params(params), prune=True)
   items = sorted((_tree.join(tuple(k.key for k in kp)), tuple(x.shape), str(jnp.dtype(x.dtype)))
                  for kp, x in jax.tree_util.tree_flatten_with_path(p)[0])
   return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
@@ -60,7 +61,7 @@ def _record(tree: Any, metadata: dict | None) -> dict:
 def _as_path(path: Any) -> epath.Path:
   """Local paths made absolute; URLs (``gs://...``) kept as they are."""
   path = os.fspath(path)
-  return epath.Path(path if "://" in path else os.path.abspath(path))
+  return epath.Path(path if _files.is_remote(path) else os.path.abspath(path))
 
 
 def save(path: str, tree: Any, *, metadata: dict | None = None) -> None:
@@ -113,13 +114,7 @@ def save(path: str, tree: Any, *, metadata: dict | None = None) -> None:
       ckptr.wait_until_finished()
     if writer:
       (tmp / RECORD).write_text(record)  # written last: marks a complete checkpoint
-      if path.exists():
-        old = path.parent / f".{path.name}.old-{token}"
-        path.rename(old)
-        tmp.rename(path)
-        old.rmtree()
-      else:
-        tmp.rename(path)
+      _files.replace_dir(tmp, path, aside=path.parent / f".{path.name}.old-{token}")
   finally:
     if writer and tmp.exists():
       tmp.rmtree()
@@ -191,14 +186,12 @@ def load(path: str, base_params: Any, *, shardings: Any = None) -> Any:
   abstract_mods = {}
   for lpath, layer in sorted(rec["layers"].items()):
     path_t = tuple(lpath.split("/")) if lpath else ()
-    node = p
-    for k in path_t:
-      if not isinstance(node, dict) or k not in node:
-        shape = tuple(layer["kernel_shape"])
-        raise CheckpointError(f"The adapter in {path!r} has a layer '{lpath}' that the base params "
-                              f"do not have (kernel {shape}); it was trained on another model.")
-      node = node[k]
-    kernel = node.get(KERNEL_KEY) if isinstance(node, dict) else None
+    node = _tree.lookup(p, path_t, None)
+    if node is None:
+      shape = tuple(layer["kernel_shape"])
+      raise CheckpointError(f"The adapter in {path!r} has a layer '{lpath}' that the base params "
+                            f"do not have (kernel {shape}); it was trained on another model.")
+    kernel = node.get(KERNEL_KEY) if isinstance(node, Mapping) else None
     if kernel is None:
       raise CheckpointError(f"The base params have no kernel at '{lpath}/kernel'.")
     want = tuple(layer["kernel_shape"])

@@ -572,9 +572,7 @@ def _given_masks(method: str, adapter: int, name: str, layer: _Layer, path_t: tu
                  tree: Any) -> tuple:
   """The masks a caller gave for one adapter on one layer, checked against their shapes."""
   wanted = layer.mask_shapes(method, adapter)
-  node = tree
-  for part in path_t:
-    node = node.get(part) if isinstance(node, Mapping) else None
+  node = _tree.lookup(tree, path_t, None)
   if not isinstance(node, Mapping):
     raise InputError(f"The masks for {name} have no entry for the layer '{layer.path}'; give "
                      f"{' and '.join(repr(k) for k, _ in wanted)} masks there.")

@@ -147,7 +147,7 @@ def _quantized_call(module, args, kwargs):
   layer alive, so no float copy of the quantized kernels outlives its layer.
   """
   own = module.variables["params"]
-  rest = {k: v for k, v in own.items() if k not in _tree.ADAPTER_KEYS and k != KERNEL_KEY}
+  rest = {k: v for k, v in _tree.module_base(own).items() if k != KERNEL_KEY}
   clone = module.clone(parent=None)
   if args:
     x, other = args[0], args[1:]

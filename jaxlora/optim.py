@@ -44,7 +44,7 @@ def optimizer(tx: optax.GradientTransformation, tree: Any) -> optax.GradientTran
   transform.split(tree)  # raises a clear error when there is no adapter
 
   def trainable(x):
-    return _tree.filter_tree(x, lambda k: k in _tree.TRAINABLE_KEYS, prune=True)
+    return _tree.trainable_leaves(x)
 
   def init_fn(params):
     return tx.init(trainable(params))
@@ -53,7 +53,7 @@ def optimizer(tx: optax.GradientTransformation, tree: Any) -> optax.GradientTran
     t_updates = trainable(updates)
     t_params = None if params is None else trainable(params)
     new_t, state = tx.update(t_updates, state, t_params, **extra)
-    frozen = _tree.filter_tree(updates, lambda k: k not in _tree.TRAINABLE_KEYS, prune=False)
+    frozen = _tree.frozen_leaves(updates)
     zeros = jax.tree.map(lambda u: jnp.full_like(u, -0.0), frozen)
     return _tree.merge_trees(zeros, new_t), state
 

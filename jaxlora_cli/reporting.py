@@ -8,14 +8,7 @@ from typing import Any
 
 from etils import epath
 
-
-def is_remote(path: Any) -> bool:
-  """A URL such as gs://bucket/run (written through etils.epath), not a local path.
-
-  >>> is_remote("gs://bucket/run"), is_remote("runs/demo")
-  (True, False)
-  """
-  return "://" in str(path)
+from jaxlora._files import is_remote  # also used as reporting.is_remote by the trainer
 
 
 def du(path: Any) -> int:

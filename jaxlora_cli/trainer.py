@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxlora
+from jaxlora import _tree
 from jaxlora.models import attention as attention_lib
 from jaxlora_cli import config as config_lib
 from jaxlora_cli import data as data_lib
@@ -622,7 +623,7 @@ def _bank_shardings(bank_tree, single_shardings, replicated):
              jax.tree_util.tree_flatten_with_path(single_shardings, is_leaf=is_sh)[0]}
 
   def pick(path, _):
-    if getattr(path[-1], "key", None) in ("lora_a", "lora_b", "lora_scale"):
+    if _tree.is_adapter_key(getattr(path[-1], "key", None)):
       return replicated
     return by_path[jax.tree_util.keystr(path)]
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
+from jaxlora import _files
 from jaxlora.errors import InputError
 
 _DTYPES = {
@@ -104,12 +104,6 @@ class SafetensorsFile:
     return out.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
 def save_file(tensors: Mapping[str, np.ndarray], path: str,
               metadata: Mapping[str, str] | None = None) -> None:
   """Writes `tensors` to `path` atomically (a temporary file renamed into place)."""
@@ -128,19 +122,8 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str,
     arrays.append(a)
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
-  d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".safetensors")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(struct.pack("<Q", len(blob)))
-      f.write(blob)
-      for a in arrays:
-        a.tofile(f)  # native order: little-endian on every platform JAX runs on
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with _files.atomic_write(path) as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for a in arrays:
+      a.tofile(f)  # native order: little-endian on every platform JAX runs on

@@ -120,7 +120,7 @@ def build(args):
   tokens = jnp.asarray(rng.integers(0, VOCAB, (args.batch, args.seq + 1)), jnp.int32)
   x, y = tokens[:, :-1], tokens[:, 1:]
   params = jax.jit(model.init)(jax.random.key(0), x)["params"]
-  lay = jaxlora.layout(model.apply, {"params": params}, x)
+  lay = jaxlora.trace_layout(model.apply, {"params": params}, x)
   wrapped = jaxlora.wrap(params, rank=RANK, targets=TARGETS, layout=lay, key=jax.random.key(1))
   # Non-zero B so that the LoRA term is really computed and merge changes the kernels.
   wrapped = jax.tree_util.tree_map_with_path(

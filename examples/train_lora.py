@@ -75,7 +75,7 @@ def main():
 
   teacher = model.init(k_teacher, x0)
   # The new task: every layer of the teacher moves by a rank-2 update.
-  t_layout = jaxlora.layout(model.apply, teacher, x0)
+  t_layout = jaxlora.trace_layout(model.apply, teacher, x0)
   shifted = jaxlora.wrap(teacher, rank=2, key=k_shift, layout=t_layout, targets="layers/")
   shifted = jax.tree_util.tree_map_with_path(
       lambda p, a: 0.3 * jax.random.normal(jax.random.fold_in(k_shift, 1), a.shape)
@@ -99,7 +99,7 @@ def main():
   y_new = model.apply(new_teacher, x_eval)
   base_loss = float(mse(model.apply(base, x_eval), y_new))
 
-  layout = jaxlora.layout(model.apply, base, x0)
+  layout = jaxlora.trace_layout(model.apply, base, x0)
   wrapped = jaxlora.wrap(base, rank=args.rank, key=k_lora, layout=layout)
   print("\n2) LoRA adapters (the base stays frozen):")
   print(jaxlora.summary(wrapped))

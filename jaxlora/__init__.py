@@ -1,6 +1,7 @@
 """jaxlora: LoRA fine-tuning for JAX/Flax param trees."""
 
 from jaxlora import errors
+from jaxlora import model_api
 from jaxlora import models
 from jaxlora import peft
 from jaxlora import quantization
@@ -10,7 +11,8 @@ from jaxlora.checkpoint import CheckpointManager, load, save
 from jaxlora.combination import merge_adapters
 from jaxlora.forward import apply
 from jaxlora.generation import generate
-from jaxlora.kernel_layout import Layout, KernelLayout, layout
+# `layout` is the deprecated name of `trace_layout`, kept for one release.
+from jaxlora.kernel_layout import KernelLayout, Layout, layout, trace_layout
 from jaxlora.optim import optimizer
 from jaxlora.quantization import QuantizedArray, dequantize, quantize
 from jaxlora.transform import (LayerSummary, Summary, adapter, combine, merge, split, summary,
@@ -37,6 +39,7 @@ __all__ = [
     "load",
     "merge",
     "merge_adapters",
+    "model_api",
     "models",
     "optimizer",
     "peft",
@@ -47,6 +50,7 @@ __all__ = [
     "split",
     "stack",
     "summary",
+    "trace_layout",
     "unmerge",
     "unstack",
     "wrap",

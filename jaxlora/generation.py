@@ -1,4 +1,7 @@
-"""Text generation with a KV cache for jaxlora decoders: greedy, temperature and top-p."""
+"""Text generation with a KV cache: greedy, temperature and top-p.
+
+Works with any model implementing `jaxlora.model_api.CachedLM` (`jaxlora.models.Decoder` does).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +14,9 @@ import jax.numpy as jnp
 from jaxlora import _tree
 from jaxlora import bank as bank_lib
 from jaxlora import forward
+from jaxlora import model_api
 from jaxlora import quantization
-from jaxlora.models.decoder import Decoder, init_cache
-from jaxlora.errors import InputError, InputTypeError
+from jaxlora.errors import InputError
 
 
 def _sample(logits, key, temperature, top_p):
@@ -42,7 +45,7 @@ def _generate(model, params, input_ids, mask, key, adapter_ids, *, max_new_token
     fn = (lora_fn if adapter_ids is None else
           functools.partial(lora_fn, adapter_ids=adapter_ids))
   variables = {"params": params}
-  cache = init_cache(model.config, b, t + max_new_tokens, model.dtype)
+  cache = model.init_cache(b, t + max_new_tokens)
   logits, cache = fn(variables, input_ids, attention_mask=mask, cache=cache)
   last = jnp.max(jnp.where(mask, jnp.arange(t)[None, :], 0), axis=-1)
   logits = logits[jnp.arange(b), last]
@@ -62,7 +65,7 @@ def _generate(model, params, input_ids, mask, key, adapter_ids, *, max_new_token
   return tokens.T
 
 
-def generate(model: Decoder, params: Any, input_ids: Any, *, attention_mask: Any = None,
+def generate(model: model_api.CachedLM, params: Any, input_ids: Any, *, attention_mask: Any = None,
              max_new_tokens: int = 20, temperature: float = 0.0, top_p: float = 1.0,
              key: jax.Array | None = None, eos_token_id: int | tuple[int, ...] | None = "config",
              pad_token_id: int | None = None, adapter_ids: Any = None) -> jax.Array:
@@ -72,7 +75,8 @@ def generate(model: Decoder, params: Any, input_ids: Any, *, attention_mask: Any
   the factored LoRA forward (`jaxlora.apply`) is used.
 
   Args:
-    model: a `jaxlora.models.Decoder`.
+    model: a `jaxlora.models.Decoder`, or any model implementing
+      `jaxlora.model_api.CachedLM` (``apply`` with a ``cache=``, ``init_cache``).
     params: its params (wrapped or not; with or without ``{'params': ...}``).
     input_ids: int ``(batch, prompt_len)`` prompts.
     attention_mask: ``(batch, prompt_len)``, 0 on padding (left or right).
@@ -80,9 +84,10 @@ def generate(model: Decoder, params: Any, input_ids: Any, *, attention_mask: Any
     temperature: 0 for greedy decoding, else the sampling temperature.
     top_p: nucleus sampling mass (with temperature > 0).
     key: PRNG key, required when sampling.
-    eos_token_id: stop token(s); by default the model config's. After it a row
-      gets `pad_token_id`. None disables stopping.
-    pad_token_id: filler after EOS; defaults to the config's, else the first EOS id, else 0.
+    eos_token_id: stop token(s); by default the model's (``model.eos_token_id``).
+      After it a row gets `pad_token_id`. None disables stopping.
+    pad_token_id: filler after EOS; defaults to ``model.pad_token_id``, else the
+      first EOS id, else 0.
     adapter_ids: with an adapter bank (a `jaxlora.Bank` or its ``tree``), the
       adapter of each row, int ``(batch,)`` (-1: the base alone); names are
       accepted too when ``params`` is a `Bank`.
@@ -101,8 +106,7 @@ def generate(model: Decoder, params: Any, input_ids: Any, *, attention_mask: Any
   >>> jaxlora.generate(model, params, jnp.array([[1, 2, 3]]), max_new_tokens=4).shape
   (1, 4)
   """
-  if not isinstance(model, Decoder):
-    raise InputTypeError(f"`generate` needs a jaxlora.models.Decoder, got {type(model).__name__}.")
+  model_api.require(model, model_api.CachedLM, "generate")
   if max_new_tokens < 1:
     raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
   if temperature < 0 or not 0 < top_p <= 1:
@@ -113,17 +117,17 @@ def generate(model: Decoder, params: Any, input_ids: Any, *, attention_mask: Any
   if input_ids.ndim != 2:
     raise InputError(f"input_ids must be (batch, length), got shape {input_ids.shape}.")
   total = input_ids.shape[1] + max_new_tokens
-  if total > model.config.max_position_embeddings and model.config.is_gpt2:
+  if model.max_positions is not None and total > model.max_positions:
     raise InputError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = "
-                     f"{total} exceeds the model's {model.config.max_position_embeddings} positions.")
+                     f"{total} exceeds the model's {model.max_positions} positions.")
   mask = (jnp.ones(input_ids.shape, bool) if attention_mask is None
           else jnp.asarray(attention_mask).astype(bool))
   if eos_token_id == "config":
-    eos_token_id = model.config.eos_token_id
+    eos_token_id = model.eos_token_id
   eos = (() if eos_token_id is None else
          tuple(eos_token_id) if isinstance(eos_token_id, (tuple, list)) else (int(eos_token_id),))
   if pad_token_id is None:
-    pad_token_id = model.config.pad_token_id
+    pad_token_id = model.pad_token_id
   if pad_token_id is None:
     pad_token_id = eos[0] if eos else 0
   if isinstance(params, bank_lib.Bank):

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,7 +42,17 @@ class KernelLayout:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """Per-module layouts keyed by '/'-joined module path, as `layout` records them."""
+  """Per-module kernel layouts keyed by '/'-joined module path, as `trace_layout` records them.
+
+  Pass one to ``jaxlora.wrap(..., layout=...)`` and ``jaxlora.quantize``.
+
+  >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxlora
+  >>> model = nn.Dense(2)
+  >>> lay = jaxlora.trace_layout(model.apply, model.init(jax.random.key(0), jnp.ones((1, 3))),
+  ...                            jnp.ones((1, 3)))
+  >>> lay[""].roles, len(lay)
+  (('in', 'out'), 1)
+  """
   kernels: Mapping[str, KernelLayout]
 
   def __getitem__(self, path: str) -> KernelLayout:
@@ -105,8 +116,8 @@ def local_roles(module: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any
   return None
 
 
-def layout(apply_fn: Callable[..., Any], variables: Mapping, *args: Any,
-           **kwargs: Any) -> Layout:
+def trace_layout(apply_fn: Callable[..., Any], variables: Mapping, *args: Any,
+                 **kwargs: Any) -> Layout:
   """Traces `apply_fn` abstractly once and records how each kernel is used.
 
   Nothing is computed: the model runs under `jax.eval_shape`, so `variables`
@@ -133,7 +144,7 @@ def layout(apply_fn: Callable[..., Any], variables: Mapping, *args: Any,
   >>> model = nn.DenseGeneral(features=(2, 3), axis=-1)
   >>> x = jnp.ones((1, 4))
   >>> params = model.init(jax.random.key(0), x)
-  >>> jaxlora.layout(model.apply, params, x)
+  >>> jaxlora.trace_layout(model.apply, params, x)
   Layout({'': DenseGeneral('in', 'out', 'out')})
   """
   if not isinstance(variables, Mapping):
@@ -179,7 +190,9 @@ def layout(apply_fn: Callable[..., Any], variables: Mapping, *args: Any,
   params = _tree.get_params(variables)
   kernels = {}
   for path, (kind, roles, local_shape) in seen.items():
-    node = _tree.lookup(params, tuple(path.split("/")) if path else ())
+    node = params
+    for k in path.split("/") if path else ():
+      node = node[k]
     full_shape = tuple(np.shape(node[_tree.KERNEL_KEY]))
     n_stack = len(full_shape) - len(local_shape)
     if n_stack < 0 or full_shape[n_stack:] != local_shape:
@@ -192,15 +205,23 @@ def layout(apply_fn: Callable[..., Any], variables: Mapping, *args: Any,
   return Layout(kernels)
 
 
-def resolve(layout: Any, params: Any) -> Layout | None:
-  """A `Layout` from a layout, None, or a model with a ``lora_layout(params)`` method."""
-  if layout is None or isinstance(layout, Layout):
-    return layout
-  if not callable(getattr(layout, "lora_layout", None)):
-    raise InputTypeError(f"`layout` must come from jaxlora.layout(...) or be a model with a "
-                         f"`lora_layout(params)` method (jaxlora.models.Decoder); got "
-                         f"{type(layout).__name__}.")
-  return layout.lora_layout(params)
+def layout(apply_fn: Callable[..., Any], variables: Mapping, *args: Any,
+           **kwargs: Any) -> Layout:
+  """Deprecated name of `trace_layout` (removed in the next release).
+
+  >>> import warnings, jax, jax.numpy as jnp, flax.linen as nn, jaxlora
+  >>> model = nn.Dense(2)
+  >>> x = jnp.ones((1, 4))
+  >>> params = model.init(jax.random.key(0), x)
+  >>> with warnings.catch_warnings(record=True) as caught:
+  ...   warnings.simplefilter("always")
+  ...   lay = jaxlora.layout(model.apply, params, x)
+  >>> caught[0].category.__name__, lay == jaxlora.trace_layout(model.apply, params, x)
+  ('DeprecationWarning', True)
+  """
+  warnings.warn("jaxlora.layout is deprecated; call jaxlora.trace_layout (same arguments).",
+                DeprecationWarning, stacklevel=2)
+  return trace_layout(apply_fn, variables, *args, **kwargs)
 
 
 def adapter_shapes(kernel_shape: Sequence[int], roles: Sequence[str],

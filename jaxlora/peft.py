@@ -12,20 +12,21 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+import shutil
+import tempfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from jaxlora import _files
 from jaxlora import _multihost
+from jaxlora import model_api
+from jaxlora import safetensors_io
 from jaxlora import _tree
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
-from jaxlora.models import hub, safetensors_io
-from jaxlora.models.decoder import Decoder
-from jaxlora.errors import InputError, InputTypeError, NotFoundError
+from jaxlora.errors import InputError, NotFoundError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,14 +37,8 @@ _UNSUPPORTED = ("use_dora", "modules_to_save", "lora_bias", "target_parameters",
                 "alora_invocation_tokens", "use_bdlora", "megatron_config", "arrow_config")
 
 
-def _check_model(model: Any) -> Decoder:
-  if not isinstance(model, Decoder):
-    raise InputTypeError("The PEFT format maps jaxlora.models decoders (GPT-2, Llama family); pass "
-                         f"model=<the Decoder>, got {type(model).__name__}.")
-  return model
-
-
-def save(path: str, tree: Any, *, model: Decoder, base_model_name_or_path: str | None = None,
+def save(path: str, tree: Any, *, model: model_api.HubNames,
+         base_model_name_or_path: str | None = None,
          use_rslora: bool = False, dtype: Any = None) -> None:
   """Writes the adapter of `tree` as a PEFT LoRA adapter directory.
 
@@ -59,7 +54,8 @@ def save(path: str, tree: Any, *, model: Decoder, base_model_name_or_path: str |
   Args:
     path: output directory.
     tree: a wrapped tree of `model`'s params.
-    model: the `jaxlora.models.Decoder`.
+    model: the model the tree belongs to; it names its modules as Hugging Face
+      does (`jaxlora.model_api.HubNames`), as `jaxlora.models.Decoder` does.
     base_model_name_or_path: recorded in the config (e.g. a hub id or local path).
     use_rslora: express scales as rsLoRA alphas (``alpha = scale * sqrt(r)``).
     dtype: tensor dtype on disk (default: the adapter's).
@@ -78,7 +74,7 @@ def save(path: str, tree: Any, *, model: Decoder, base_model_name_or_path: str |
   >>> sorted(os.listdir(d))
   ['adapter_config.json', 'adapter_model.safetensors']
   """
-  cfg = _check_model(model).config
+  model_api.require(model, model_api.HubNames, "jaxlora.peft.save")
   p = _tree.get_params(tree)
   mods = _tree.adapter_modules(p)
   if not mods:
@@ -87,6 +83,7 @@ def save(path: str, tree: Any, *, model: Decoder, base_model_name_or_path: str |
   ranks: dict[str, int] = {}
   alphas: dict[str, float] = {}
   leaf_names: set[str] = set()
+  stacked_paths: set[tuple[str, ...]] = set()  # modules with a layer axis (nn.scan)
   adapted: set[tuple[str, ...]] = set()
   for path_t, mod in mods:
     a = _multihost.host_value(mod[A_KEY])
@@ -100,7 +97,7 @@ def save(path: str, tree: Any, *, model: Decoder, base_model_name_or_path: str |
                        "holds 2-D (Linear) adapters only.")
     layers = range(s.shape[0]) if stacked else [None]
     for i in layers:
-      name = hub.hf_module_name(cfg, path_t, i)
+      name = model.hf_module_name(path_t, i)
       ai, bi, si = (a[i], b[i], float(s[i])) if stacked else (a, b, float(s))
       r = ai.shape[-1]
       tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(ai.T)
@@ -108,6 +105,8 @@ def save(path: str, tree: Any, *, model: Decoder, base_model_name_or_path: str |
       ranks[name] = r
       alphas[name] = si * (math.sqrt(r) if use_rslora else r)
     leaf_names.add(path_t[-1])
+    if stacked:
+      stacked_paths.add(path_t)
     adapted.add(path_t)
 
   r0 = collections.Counter(ranks.values()).most_common(1)[0][0]
@@ -121,14 +120,14 @@ def save(path: str, tree: Any, *, model: Decoder, base_model_name_or_path: str |
   if same_name == adapted:
     target_modules: Any = sorted(leaf_names)
   else:
-    alts = sorted(re.escape(hub.hf_module_name(cfg, pt, 0 if pt[0] in ("h", "layers") else None))
+    alts = sorted(re.escape(model.hf_module_name(pt, 0 if pt in stacked_paths else None))
                   .replace(r"\.0\.", r"\.\d+\.", 1) for pt in adapted)
     target_modules = "(" + "|".join(alts) + ")"
   config = {
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(r0),
       "lora_alpha": _num(alpha0), "target_modules": target_modules,
       "rank_pattern": rank_pattern, "alpha_pattern": {k: _num(v) for k, v in alpha_pattern.items()},
-      "use_rslora": bool(use_rslora), "fan_in_fan_out": cfg.is_gpt2, "bias": "none",
+      "use_rslora": bool(use_rslora), "fan_in_fan_out": bool(model.fan_in_fan_out), "bias": "none",
       "lora_dropout": 0.0, "use_dora": False, "init_lora_weights": True,
       "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
       "inference_mode": True, "base_model_name_or_path": base_model_name_or_path,
@@ -140,12 +139,26 @@ def save(path: str, tree: Any, *, model: Decoder, base_model_name_or_path: str |
 
 def _write(path: str, tensors: dict[str, np.ndarray], config: dict) -> None:
   """Stages both files locally, then moves (or, for URLs, copies) them into `path`."""
-  with _files.staging_dir(path, prefix=".tmp-peft-") as stage:
+  remote = "://" in path
+  parent = None
+  if not remote:  # stage beside the target so that the final moves are renames
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+  stage = tempfile.mkdtemp(prefix=".tmp-peft-", dir=parent)
+  try:
     safetensors_io.save_file(tensors, os.path.join(stage, WEIGHTS_NAME), {"format": "pt"})
     with open(os.path.join(stage, CONFIG_NAME), "w") as f:
       json.dump(config, f, indent=2, sort_keys=True)
+    dest = epath.Path(path)
+    dest.mkdir(parents=True, exist_ok=True)
     # Weights first: a directory is a loadable adapter only once its config is in place.
-    _files.publish(stage, path, (WEIGHTS_NAME, CONFIG_NAME))
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+      if remote:
+        epath.Path(stage, name).copy(dest / name, overwrite=True)
+      else:
+        os.replace(os.path.join(stage, name), os.path.join(path, name))
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def _num(x: float) -> int | float:
@@ -178,14 +191,16 @@ def _pattern(patterns: dict, name: str, default: Any) -> Any:
   return default
 
 
-def load(path: str, base_params: Any, *, model: Decoder, dtype: Any = jnp.float32) -> Any:
+def load(path: str, base_params: Any, *, model: model_api.HubNames,
+         dtype: Any = jnp.float32) -> Any:
   """Reads a PEFT LoRA adapter onto a jaxlora tree.
 
   Args:
     path: adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``;
       ``adapter_model.bin`` only through ``torch.load(weights_only=True)``).
     base_params: the unwrapped params of `model` (with or without ``{'params': ...}``).
-    model: the `jaxlora.models.Decoder`.
+    model: the model of `base_params`; it names its modules as Hugging Face
+      does (`jaxlora.model_api.HubNames`), as `jaxlora.models.Decoder` does.
     dtype: dtype of the adapter factors.
 
   Returns:
@@ -211,7 +226,7 @@ def load(path: str, base_params: Any, *, model: Decoder, dtype: Any = jnp.float3
   >>> [l.path for l in jaxlora.summary(back).layers]
   ['layers/mlp/down_proj', 'layers/mlp/gate_proj', 'layers/mlp/up_proj']
   """
-  cfg = _check_model(model).config
+  model_api.require(model, model_api.HubNames, "jaxlora.peft.load")
   cfg_path = os.path.join(path, CONFIG_NAME)
   if not os.path.isfile(cfg_path):
     raise NotFoundError(f"{cfg_path} not found: not a PEFT adapter directory.")
@@ -240,17 +255,19 @@ def load(path: str, base_params: Any, *, model: Decoder, dtype: Any = jnp.float3
       raise InputError(f"{path}: tensor {key!r} is not a LoRA A/B weight; jaxlora loads plain "
                        "LoRA adapters only (no DoRA magnitudes, embeddings or saved modules).")
     name, which = m.groups()
-    module_path, layer = hub.flax_module_path(cfg, name)
+    module_path, layer = model.flax_module_path(name)
     factors.setdefault(module_path, {}).setdefault(layer, {})[which] = np.asarray(value)
     factors[module_path][layer]["name"] = name
 
   new = {}
   for module_path, per_layer in sorted(factors.items(), key=lambda kv: kv[0]):
-    node = _tree.lookup(p, module_path, None)
-    if not isinstance(node, Mapping):
-      some = next(iter(per_layer.values()))["name"]
-      raise InputError(f"{path}: the adapter targets {some!r}, which the "
-                       f"{cfg.model_type!r} model does not have.")
+    node = p
+    for k in module_path:
+      if not isinstance(node, dict) or k not in node:
+        some = next(iter(per_layer.values()))["name"]
+        raise InputError(f"{path}: the adapter targets {some!r}, which the "
+                         f"model ({type(model).__name__}) does not have.")
+      node = node[k]
     if KERNEL_KEY not in node:
       raise InputError(f"{path}: module {_tree.join(module_path)!r} has no kernel.")
     kernel = node[KERNEL_KEY]

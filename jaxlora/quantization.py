@@ -35,6 +35,7 @@ import numpy as np
 
 from jaxlora import _tree
 from jaxlora import kernel_layout as layout_lib
+from jaxlora import model_api
 from jaxlora import targets as targets_lib
 from jaxlora._tree import KERNEL_KEY
 from jaxlora.errors import InputError, InputTypeError
@@ -467,7 +468,8 @@ def _quantizable_roles(path: str, kernel: Any, layout: layout_lib.Layout | None)
 
 def quantize(params: Any, qtype: str = "nf4", *, block_size: int = 64, double_quant: bool = True,
              targets: targets_lib.Selector = "all-linear",
-             exclude: targets_lib.Selector | None = None, layout: Any = None) -> Any:
+             exclude: targets_lib.Selector | None = None,
+             layout: layout_lib.Layout | model_api.LayoutProvider | None = None) -> Any:
   """Replaces the selected float kernels of a param tree by quantized records.
 
   Embeddings and norms (no ``kernel``) and the output head (left out by
@@ -490,8 +492,9 @@ def quantize(params: Any, qtype: str = "nf4", *, block_size: int = 64, double_qu
     double_quant: quantize the block maxima again (QLoRA's double quantization).
     targets: kernels to quantize, the selection language of `jaxlora.wrap`.
     exclude: kernels to keep in float.
-    layout: from `jaxlora.layout`, or a model that describes its own
-      (``layout=model`` for `jaxlora.models.Decoder`); needed for N-D and
+    layout: a `jaxlora.Layout` from `jaxlora.trace_layout`, or a model that
+      provides its own (``layout=model`` calls ``model.lora_layout(params)``,
+      as for `jaxlora.wrap`); needed for N-D and
       stacked kernels.
 
   Returns:
@@ -516,7 +519,7 @@ def quantize(params: Any, qtype: str = "nf4", *, block_size: int = 64, double_qu
   qtype = _check_qtype(qtype)
   block_size = _check_block_size(block_size, qtype)
   p = _tree.get_params(params)
-  layout = layout_lib.resolve(layout, p)
+  layout = model_api.resolve_layout(layout, p)
   already = [pt for pt, m in _tree.iter_modules(p) if is_quantized(m.get(KERNEL_KEY))]
   if already:
     raise InputError(f"The tree is already quantized (at '{_tree.join(already[0])}'); "

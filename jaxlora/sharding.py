@@ -15,6 +15,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlora import _tree
 from jaxlora import kernel_layout as layout_lib
+from jaxlora import model_api
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
 from jaxlora.errors import InputError
 
@@ -68,7 +69,7 @@ def adapter_shardings(tree: Any) -> Any:
       else:
         out[k] = sharding
     new[path_t] = out
-  adapter_only = _tree.adapter_leaves(p)
+  adapter_only = _tree.filter_tree(p, lambda k: k in _tree.ADAPTER_KEYS, prune=True)
   result = _tree.replace_modules(adapter_only, new)
   return _tree.with_params(tree, result) if _tree.is_variables(tree) else result
 
@@ -192,11 +193,27 @@ def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSp
   return PartitionSpec(*out)
 
 
-def param_shardings(model: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = FSDP_RULES) -> Any:
-  """NamedShardings for the (unboxed) params of a `jaxlora.models.Decoder`.
+def param_shardings(model: model_api.AbstractModel, mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = FSDP_RULES) -> Any:
+  """NamedShardings for the (unboxed) params of a model.
 
-  Kernels are annotated with logical axis names; `rules` map them to mesh
-  axes. A dim that a mesh axis does not divide is left unsharded.
+  The model describes its params through ``model.abstract_variables()``
+  (`jaxlora.model_api.AbstractModel`): `jaxlora.models.Decoder` does, and
+  any linen module does as ``jaxlora.model_api.LinenModel(module, inputs)``.
+  Params annotated with logical axis names (``nn.with_logical_partitioning``)
+  are sharded as `rules` map those names to mesh axes; a dim that a mesh axis
+  does not divide, and a param without names, are left unsharded.
+
+  Args:
+    model: the model (`jaxlora.model_api.AbstractModel`).
+    mesh: the device mesh.
+    rules: ``(logical name, mesh axes)`` pairs.
+
+  Returns:
+    A tree of `NamedSharding`s shaped like the model's (unboxed) params.
+
+  Raises:
+    InputTypeError: a model without ``abstract_variables()``.
 
   >>> import jax, jaxlora
   >>> cfg = jaxlora.models.ModelConfig(
@@ -210,8 +227,8 @@ def param_shardings(model: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = F
   >>> sh["layers"]["mlp"]["up_proj"]["kernel"].spec[1]
   'fsdp'
   """
-  from jaxlora.models.decoder import abstract_variables  # pylint: disable=import-outside-toplevel
-  return _shardings_of(abstract_variables(model), mesh, rules)
+  model_api.require(model, model_api.AbstractModel, "param_shardings")
+  return _shardings_of(model.abstract_variables(), mesh, rules)
 
 
 def _shardings_of(boxed: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
@@ -249,14 +266,14 @@ def tree_shardings(tree: Any, base_shardings: Any) -> Any:
   """
   from jaxlora.quantization import is_quantized  # pylint: disable=import-outside-toplevel
   p = _tree.get_params(tree)
-  base = _tree.base_leaves(p, prune=False)
+  base = _tree.filter_tree(p, lambda k: k not in _tree.ADAPTER_KEYS, prune=False)
   base_sh = _tree.get_params(base_shardings)
   # Quantized kernels: adapters follow the float kernel's sharding; the record gets its own.
   with_sharding = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                base, base_sh, is_leaf=is_quantized)
   base_sh = jax.tree.map(lambda x, s: quantized_sharding(x, s) if is_quantized(x) else s,
                          base, base_sh, is_leaf=is_quantized)
-  adapters = _tree.adapter_leaves(p)
+  adapters = _tree.filter_tree(p, lambda k: k in _tree.ADAPTER_KEYS, prune=True)
   abstract = _tree.merge_trees(with_sharding, adapters)
   return _tree.merge_trees(base_sh, adapter_shardings(abstract))
 
@@ -314,96 +331,23 @@ class _ModelDefault:
 
 _FROM_MODEL: Any = _ModelDefault()
 
-# Activation estimates: bytes of a float32 value.
-_F32 = 4
+def logical_mesh_axes(mesh: Mesh, rules: Sequence[tuple[str, Any]],
+                      logical: str) -> tuple[str, ...]:
+  """The axes of `mesh` that `rules` map the logical axis name `logical` to.
 
-
-def _mesh_axes(mesh: Mesh, rules: Sequence[tuple[str, Any]], logical: str) -> tuple[str, ...]:
-  """The mesh axes the rules map a logical axis name to."""
+  >>> import jaxlora
+  >>> mesh = jaxlora.sharding.make_mesh(fsdp=-1)
+  >>> logical_mesh_axes(mesh, jaxlora.sharding.FSDP_RULES, "batch")
+  ('data', 'fsdp')
+  """
   axes = dict(rules).get(logical)
   return tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ()))
                if a in mesh.shape)
 
 
-def _axis_size(mesh: Mesh, rules: Sequence[tuple[str, Any]], logical: str, dim: int) -> int:
-  """How many ways the rules split a `logical` dim of size `dim` (1 if they do not divide it)."""
-  size = math.prod(mesh.shape[a] for a in _mesh_axes(mesh, rules, logical))
-  return size if dim % size == 0 else 1
-
-
-def _mesh_backend(mesh: Mesh) -> str:
-  """'nvidia', 'rocm', 'tpu' or 'cpu': the platform of the mesh's devices."""
-  device = mesh.devices.flat[0]
-  platform = device.platform
-  if platform in ("gpu", "cuda", "rocm"):
-    version = str(getattr(device.client, "platform_version", "")).lower()
-    return "rocm" if platform == "rocm" or "rocm" in version or "hip" in version else "nvidia"
-  return platform
-
-
-def _attention_kind(model: Any, mesh: Mesh, attention: str) -> str:
-  """'xla' (dense (T, T) probabilities saved) or 'fused' (output and log-sum-exp only)."""
-  from jaxlora.models import attention as attention_lib  # pylint: disable=import-outside-toplevel
-  cfg = model.config
-  base = attention.split("-")[0]
-  # An explicit fused implementation is planned for the platform it needs, so that a CPU
-  # host can plan a TPU or GPU run; 'auto' is resolved for the mesh's own devices.
-  backend = {"cudnn": "nvidia", "flash": "nvidia", "splash": "tpu"}.get(base)
-  if backend is None:
-    backend = _mesh_backend(mesh)
-  chosen = attention_lib.plan(attention, packed=False, cache=False, window=cfg.sliding_window,
-                              dtype=model.dtype, head_dim=cfg.head_dim, backend=backend)
-  # 'cudnn-interpret' runs jax.nn.dot_product_attention's XLA implementation.
-  return "xla" if chosen.implementation in ("xla", "cudnn-interpret") else "fused"
-
-
-def _read_weight_bytes(model: Any, params: Any, shardings: Any, mesh: Mesh,
-                       rules: Sequence[tuple[str, Any]]) -> tuple[int, int]:
-  """Bytes of one layer's kernels and of the output head as the step reads them.
-
-  In the compute dtype, split only over the mesh axes that do not carry the
-  batch (FSDP gathers the rest before the matmul).
-  """
-  batch_axes = _mesh_axes(mesh, rules, "batch")
-  cfg = model.config
-  c = jnp.dtype(model.dtype).itemsize
-  layers = "h" if cfg.is_gpt2 else "layers"
-  head = (("wte" if cfg.is_gpt2 else "embed_tokens", "embedding") if cfg.tie_word_embeddings
-          else ("lm_head", KERNEL_KEY))
-
-  def read(x, s):
-    spec = [tuple(a for a in ((e,) if isinstance(e, str) else tuple(e or ()))
-                  if a not in batch_axes) or None for e in s.spec]
-    shape = NamedSharding(mesh, PartitionSpec(*spec)).shard_shape(tuple(x.shape))
-    return math.prod(shape) * c
-
-  layer = head_bytes = 0
-  flat_sh = dict(jax.tree_util.tree_flatten_with_path(shardings)[0])
-  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-    keys = tuple(getattr(k, "key", k) for k in path)
-    if keys[0] == layers:
-      layer += read(x, flat_sh[path]) // cfg.num_hidden_layers
-    elif keys[-2:] == head:
-      head_bytes = read(x, flat_sh[path])
-  return layer, head_bytes
-
-
-def _activation_plan(model: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]], wrapped: Any,
-                     batch: int, seq: int, remat: str | None, attention: str,
-                     loss_chunk_size: int | None, layer_bytes: int, head_bytes: int,
-                     grad_bytes: int) -> dict[str, int]:
-  """Per-device bytes of activations (saved residuals and one layer's backward) and logits.
-
-  Counts what the scanned layer keeps for the backward pass under each remat
-  policy, as XLA keeps it after merging duplicates (a reshaped copy of a
-  tensor is the same buffer): ``n`` tokens per device, hidden ``d``, and per
-  device ``q`` query features, ``k`` key/value features, ``i`` MLP features,
-  ``h`` heads; ``c`` is the compute dtype's size.
-  """
-  from jaxlora.models.decoder import REMAT_POLICIES  # pylint: disable=import-outside-toplevel
-  cfg = model.config
-  if remat is not None and remat not in REMAT_POLICIES:
-    raise InputError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)} or None.")
+def _check_step(mesh: Mesh, rules: Sequence[tuple[str, Any]], batch: Any, seq: Any,
+                loss_chunk_size: Any) -> None:
+  """Refuses step sizes no model can plan: non-positive sizes, a batch the mesh cannot split."""
   for name, value in (("batch", batch), ("seq", seq)):
     if not isinstance(value, int) or value < 1:
       raise InputError(f"{name}={value!r}: give a positive integer (global batch rows, tokens "
@@ -411,106 +355,11 @@ def _activation_plan(model: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]], w
   if loss_chunk_size is not None and (not isinstance(loss_chunk_size, int) or loss_chunk_size < 1):
     raise InputError(f"loss_chunk_size={loss_chunk_size!r}: give a positive integer, or None for "
                      "the full (batch, seq, vocab) logits.")
-  batch_axes = _mesh_axes(mesh, rules, "batch")
+  batch_axes = logical_mesh_axes(mesh, rules, "batch")
   shards = math.prod(mesh.shape[a] for a in batch_axes)
   if batch % shards:
     raise InputError(f"batch={batch} cannot be split over the {shards} devices of the mesh axes "
                      f"{batch_axes} that carry the batch; use a multiple of {shards}.")
-  c = jnp.dtype(model.dtype).itemsize
-  f = _F32
-  b, t = batch // shards, seq
-  n = b * t
-  d = cfg.hidden_size
-  hd = cfg.head_dim
-  heads = cfg.num_attention_heads // _axis_size(mesh, rules, "heads", cfg.num_attention_heads)
-  kv = cfg.num_key_value_heads // _axis_size(mesh, rules, "kv_heads", cfg.num_key_value_heads)
-  inter = cfg.intermediate_size // _axis_size(mesh, rules, "mlp", cfg.intermediate_size)
-  vocab = cfg.vocab_size // _axis_size(mesh, rules, "vocab", cfg.vocab_size)
-  q = heads * hd
-  k = q if cfg.is_gpt2 else kv * hd
-  fused = _attention_kind(model, mesh, attention) == "fused"
-  tt = b * heads * t * t  # one layer's attention probabilities
-  bht = b * heads * t
-
-  # The layer's projections: (module path under the layer, output features per device).
-  if cfg.is_gpt2:
-    projections = {("attn", "c_attn"): 3 * q, ("attn", "c_proj"): d, ("mlp", "c_fc"): inter,
-                   ("mlp", "c_proj"): d}
-    last = ("mlp", "c_proj")
-    projections_attn = "attn"
-  else:
-    projections = {("self_attn", "q_proj"): q, ("self_attn", "k_proj"): k,
-                   ("self_attn", "v_proj"): k, ("self_attn", "o_proj"): d,
-                   ("mlp", "gate_proj"): inter, ("mlp", "up_proj"): inter,
-                   ("mlp", "down_proj"): d}
-    last = ("mlp", "down_proj")
-    projections_attn = "self_attn"
-  ranks = {}
-  layers = "h" if cfg.is_gpt2 else "layers"
-  for path, mod in _tree.adapter_modules(_tree.get_params(wrapped)):
-    if path[0] == layers and tuple(path[-2:]) in projections:
-      ranks[tuple(path[-2:])] = int(mod[A_KEY].shape[-1])
-  # x @ A of every adapted projection, by half of the layer.
-  lowrank = {part: n * sum(r for name, r in ranks.items() if name[0] == part)
-             for part in (projections_attn, "mlp")}
-
-  # Policy None: everything the backward pass reads, as XLA keeps it (a reshaped copy
-  # of a tensor, such as the flat input of a LoRA term, shares the buffer). Attention
-  # half: the first norm's float32 input and statistics and three (n, d) tensors in the
-  # compute dtype; q (rotated), k, v and the attention's output; XLA attention's
-  # float32 exp(logits) and compute-dtype probabilities, or the fused kernels'
-  # float32 log-sum-exp. MLP half: the second norm's (its float32 input, two tensors);
-  # gate, up, sigmoid, silu, their product and one more (n, i) tensor (GPT-2: four
-  # for the GELU). Both: the rank-r intermediates.
-  norm = f * (n * d + 2 * n)
-  attn = norm + c * (3 * n * d + n * (2 * q + 2 * k)) + c * lowrank[projections_attn]
-  attn += f * bht if fused else f * (tt + 2 * bht) + c * tt
-  if cfg.qk_norm:
-    attn += n * (q + k) * (f + 2 * c)
-  mlp = norm + c * (2 * n * d + (4 if cfg.is_gpt2 else 6) * n * inter + lowrank["mlp"])
-  carry = c * n * d  # the layer's input, saved by the scan under every remat policy
-  if remat is None:
-    saved = attn + mlp
-  elif remat == "full":
-    saved = carry
-  else:
-    # Matmul outputs: each projection's base output and, when adapted, its LoRA term
-    # (two tensors: they are added after the dots), and every x @ A. The last
-    # projection's outputs are not read by the backward pass. Offloaded, they wait in
-    # pinned host memory, not on the device.
-    dots = c * (sum(out * n * (2 if name in ranks else 1) for name, out in projections.items()
-                    if name != last) + sum(lowrank.values()))
-    if remat == "dots" and not fused:  # batched dots too: q @ k (float32) and probs @ v
-      dots += f * tt + c * n * q
-    saved = carry if remat.startswith("offload") else carry + dots
-
-  # One layer in the backward pass, half by half (the MLP's buffers are dead before the
-  # attention's backward starts): under remat the half's residuals again (recomputed or
-  # copied back), plus its gradient temporaries: float32 dP and d(logits) and, without
-  # remat, a copy of the layer's probabilities (XLA attention) or float32 dq, dk, dv
-  # (fused); dh, d(gate), d(up), d(silu) in the MLP; the gradient flowing through the
-  # layer.
-  flow = f * 2 * n * d
-  attn_tmp = flow + (f * n * (q + 2 * k) if fused else f * tt * (2 if remat else 3))
-  mlp_tmp = flow + f * 4 * n * inter
-  if remat is None:
-    working = max(attn_tmp, mlp_tmp)
-  else:
-    working = max(attn + attn_tmp, mlp + mlp_tmp)
-  # The dense mask of the XLA path (bool, broadcast over heads without remat), once.
-  mask = 0 if fused else (b * t * t if remat is not None else b * heads * t * t)
-  # One layer's weights as the layer reads them (sliced from the stack, gathered over the
-  # batch axes, in the compute dtype), and the adapters' gradient.
-  activations = (cfg.num_hidden_layers * saved + working + mask + layer_bytes + grad_bytes)
-
-  # The loss: the head's logits in the compute dtype (the full (batch, seq, vocab) or
-  # one chunk) and their float32 softmax, which becomes their gradient; the head's
-  # weights as the matmul reads them. These buffers are dead before the layers'
-  # backward pass starts, so only what exceeds one layer's working set adds to the peak.
-  rows = n if loss_chunk_size is None else b * min(loss_chunk_size, t)
-  loss = rows * vocab * (c + f) + head_bytes
-  logits = max(0, loss - working)
-  return {"activations": int(activations), "logits": int(logits)}
 
 
 def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-linear",
@@ -521,11 +370,16 @@ def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-l
                 loss_chunk_size: int | None = None) -> dict[str, int]:
   """Per-device bytes of a LoRA training step, computed from shapes.
 
-  Nothing is allocated: the model is traced abstractly. Without ``batch`` and
+  Nothing is allocated: the model is traced abstractly
+  (`jaxlora.model_api`: ``model.abstract_variables()`` for the params and
+  their shardings, ``model.lora_layout(params)`` when the model has one).
+  Without ``batch`` and
   ``seq`` the plan holds what exists between steps: base params, adapters and
   optimizer state. With them it adds what one training step needs on top,
   for the step ``jaxlora.apply(model.apply)`` forward, gradients of the
-  adapters only (`jaxlora.split`), ``tx`` update:
+  adapters only (`jaxlora.split`), ``tx`` update, as the model counts them
+  (``model.activation_bytes``, `jaxlora.model_api.ActivationPlanner`); for
+  `jaxlora.models.Decoder`:
 
   - ``activations``: the residuals every scanned layer saves for the backward
     pass under the ``remat`` policy (on the XLA attention path each layer's
@@ -552,8 +406,10 @@ def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-l
   docs/design.md on FSDP).
 
   Args:
-    model: a `jaxlora.models.Decoder` (its ``param_dtype`` sets the base bytes,
-      its ``dtype`` the activations').
+    model: a model implementing `jaxlora.model_api.AbstractModel` (and
+      `ActivationPlanner` with ``batch`` and ``seq``), e.g. a
+      `jaxlora.models.Decoder` (its ``param_dtype`` sets the base bytes, its
+      ``dtype`` the activations') or a `jaxlora.model_api.LinenModel`.
     mesh: the device mesh.
     rank, targets: as for `jaxlora.wrap`.
     rules: logical-axis rules (the batch is split over the mesh axes of
@@ -566,9 +422,10 @@ def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-l
       head); records shard as `quantized_sharding` says.
     batch: global batch (rows per step, over all devices); with ``seq``.
     seq: tokens per row; with ``batch``.
-    remat: None or a policy of `jaxlora.models.decoder.REMAT_POLICIES`
-      (default: the model's ``remat``).
-    attention: ``'auto'``, ``'xla'``, ``'cudnn'``, ``'splash'`` or ``'flash'``
+    remat: with ``batch`` and ``seq``, passed to ``model.activation_bytes``
+      when given. For the Decoder: None or a policy of
+      `jaxlora.models.decoder.REMAT_POLICIES` (default: the model's ``remat``).
+    attention: likewise; for the Decoder ``'auto'``, ``'xla'``, ``'cudnn'``, ``'splash'`` or ``'flash'``
       (default: the model's ``attention``). ``'auto'`` means what the mesh's
       devices would run; a fused implementation named explicitly is planned as
       it runs on its own platform (so a CPU host can plan a TPU run), with the
@@ -584,6 +441,9 @@ def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-l
   Raises:
     ValueError: ``batch`` without ``seq`` (or the reverse), a batch the batch
       mesh axes do not divide, an unknown remat policy or attention name.
+    TypeError: a model without ``abstract_variables()``, or without
+      ``activation_bytes`` when ``batch`` and ``seq`` are given
+      (`jaxlora.errors.InputTypeError`).
 
   >>> import jaxlora
   >>> cfg = jaxlora.models.ModelConfig(
@@ -604,18 +464,19 @@ def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-l
   """
   from jaxlora import quantization  # pylint: disable=import-outside-toplevel
   from jaxlora import transform  # pylint: disable=import-outside-toplevel
-  from jaxlora.models.decoder import abstract_variables  # pylint: disable=import-outside-toplevel
 
   if (batch is None) != (seq is None):
     raise InputError(f"batch={batch!r}, seq={seq!r}: give both (to plan activations and logits) "
                      "or neither (params, adapters and optimizer state only).")
-  # Params do not depend on the attention implementation; trace with XLA's, which every
-  # host runs, so that a CPU host can plan a model set up for its TPU or GPU kernels.
-  shapes_model = model.clone(attention="xla") if hasattr(model, "attention") else model
-  boxed = abstract_variables(shapes_model)  # traced once, for both shapes and shardings
+  model_api.require(model, model_api.AbstractModel, "memory_plan")
+  if batch is not None:
+    model_api.require(model, model_api.ActivationPlanner, "memory_plan(batch=..., seq=...)")
+    _check_step(mesh, rules, batch, seq, loss_chunk_size)
+  boxed = model.abstract_variables()  # traced once, for both shapes and shardings
   base_sh = _shardings_of(boxed, mesh, rules)
   abstract = nn.unbox(boxed)["params"]
-  lay = shapes_model.lora_layout(abstract)
+  # Without a layout of its own, the model's kernels must be plain 2-D (wrap says so if not).
+  lay = (model.lora_layout(abstract) if isinstance(model, model_api.LayoutProvider) else None)
   float_params = abstract
   if quantize is not None:  # abstract records: shapes only, nothing is quantized
     abstract = quantization.quantize(abstract, quantize, block_size=block_size,
@@ -628,16 +489,19 @@ def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-l
   t_sh, _ = transform.split(sh)
   tx = tx if tx is not None else optax.adamw(1e-4)
   state = jax.eval_shape(tx.init, trainable)
-  base = bytes_per_device(_tree.base_leaves(wrapped, prune=True), _tree.base_leaves(sh, prune=True))
+  not_adapter = lambda t: _tree.filter_tree(t, lambda k: k not in _tree.ADAPTER_KEYS, prune=True)
+  base = bytes_per_device(not_adapter(wrapped), not_adapter(sh))
   adapter = bytes_per_device(transform.adapter(wrapped), transform.adapter(sh))
   opt = bytes_per_device(state, opt_state_shardings(tx, trainable, t_sh, mesh))
   plan = {"base": base, "adapter": adapter, "optimizer": opt, "total": base + adapter + opt}
   if batch is None:
     return plan
-  remat = model.remat if remat is _FROM_MODEL else remat
-  attention = model.attention if attention is _FROM_MODEL else attention
-  layer_bytes, head_bytes = _read_weight_bytes(model, float_params, base_sh, mesh, rules)
-  plan.update(_activation_plan(model, mesh, rules, wrapped, batch, seq, remat, attention,
-                               loss_chunk_size, layer_bytes, head_bytes, adapter))
+  # Options the caller left at "the model's" are not passed: the model knows its own.
+  options = {k: v for k, v in (("remat", remat), ("attention", attention)) if v is not _FROM_MODEL}
+  step = model.activation_bytes(mesh, rules=rules, params=float_params, shardings=base_sh,
+                                wrapped=wrapped, batch=batch, seq=seq,
+                                loss_chunk_size=loss_chunk_size, adapter_bytes=adapter,
+                                **options)
+  plan.update(activations=int(step["activations"]), logits=int(step["logits"]))
   plan["total"] += plan["activations"] + plan["logits"]
   return plan

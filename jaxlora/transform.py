@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxlora import _tree
 from jaxlora import kernel_layout as layout_lib
+from jaxlora import model_api
 from jaxlora import targets as targets_lib
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
 from jaxlora.errors import InputError, InputTypeError
@@ -51,7 +52,8 @@ def kernel_roles(path: str, kernel: Any, layout: layout_lib.Layout | None) -> tu
       f"Kernel '{path}/kernel' has {len(shape)} axes {shape}: whether each is an input, "
       "output or stacked-layer axis (nn.scan, DenseGeneral, Einsum) cannot be read from "
       "the tree. Pass a layout traced from the model: `jaxlora.wrap(params, ..., "
-      "layout=jaxlora.layout(model.apply, {'params': params}, *example_inputs))`.")
+      "layout=jaxlora.trace_layout(model.apply, {'params': params}, *example_inputs))`, "
+      "or layout=model for a model that provides one (jaxlora.models.Decoder).")
 
 
 def wrap(params: PyTree, *, key: jax.Array | None = None, rank: int = 16,
@@ -61,7 +63,7 @@ def wrap(params: PyTree, *, key: jax.Array | None = None, rank: int = 16,
          rank_pattern: Mapping[str, int] | None = None,
          alpha_pattern: Mapping[str, float] | None = None,
          use_rslora: bool = False, init: str = "kaiming", dtype: Any = None,
-         layout: layout_lib.Layout | None = None) -> PyTree:
+         layout: layout_lib.Layout | model_api.LayoutProvider | None = None) -> PyTree:
   """Adds LoRA factors beside the selected kernels of a Flax param tree.
 
   Each selected module dict gains ``lora_a`` (``(*stacked, *in_axes, r)``),
@@ -89,9 +91,13 @@ def wrap(params: PyTree, *, key: jax.Array | None = None, rank: int = 16,
       or ``'gaussian'`` (A ~ N(0, 1/r)).
     dtype: adapter dtype; default float32 for low-precision kernels, else the
       kernel's dtype.
-    layout: from `jaxlora.layout`, or a model that provides one
-      (``layout=model`` for `jaxlora.models.Decoder`); needed for kernels with
-      more than two axes (N-D and ``nn.scan``-stacked).
+    layout: the kernel layout, needed for kernels with more than two axes
+      (N-D and ``nn.scan``-stacked): a `jaxlora.Layout` from
+      `jaxlora.trace_layout`, or a model that provides its own
+      (`jaxlora.model_api.LayoutProvider`: ``layout=model`` calls
+      ``model.lora_layout(params)``; `jaxlora.models.Decoder` and
+      `jaxlora.model_api.LinenModel` do). Anything else is an
+      `InputTypeError`.
 
   Returns:
     A new tree of the same form with the adapter leaves added.
@@ -115,7 +121,7 @@ def wrap(params: PyTree, *, key: jax.Array | None = None, rank: int = 16,
     raise InputError(f"`init` must be 'kaiming' or 'gaussian', got {init!r}.")
   if key is None:
     key = jax.random.key(0)
-  layout = layout_lib.resolve(layout, params)
+  layout = model_api.resolve_layout(layout, params)
   p = _tree.get_params(params)
   boxed = jax.tree.leaves(p, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
   if any(isinstance(x, nn.meta.AxisMetadata) for x in boxed):
@@ -244,7 +250,7 @@ def merge(tree: PyTree, *, requantize: bool = False) -> PyTree:
   for path_t, mod in _tree.adapter_modules(p):
     path = _tree.join(path_t)
     kernel = mod[KERNEL_KEY]
-    out = _tree.module_base(mod)
+    out = {k: v for k, v in mod.items() if k not in _tree.ADAPTER_KEYS}
     wide = _wide(kernel.dtype)
     merged = (kernel.astype(wide) + _delta(path, kernel, mod)).astype(kernel.dtype)
     if requantize and quantization.is_quantized(kernel):
@@ -291,11 +297,13 @@ def unmerge(merged: PyTree, adapter_tree: PyTree) -> PyTree:
   new = {}
   for path_t, amod in mods:
     path = _tree.join(path_t)
-    node = _tree.lookup(p, path_t, None)
-    if not isinstance(node, Mapping):
-      raise InputError(
-          f"The adapter has a layer at '{path}' but the merged params have no such "
-          "module; the adapter belongs to another model.")
+    node = p
+    for k in path_t:
+      if not isinstance(node, Mapping) or k not in node:
+        raise InputError(
+            f"The adapter has a layer at '{path}' but the merged params have no such "
+            "module; the adapter belongs to another model.")
+      node = node[k]
     if KERNEL_KEY not in node:
       raise InputError(f"The merged params have no kernel at '{path}/kernel' for the adapter.")
     kernel = node[KERNEL_KEY]
@@ -341,11 +349,11 @@ def split(tree: PyTree) -> tuple[PyTree, PyTree]:
   """
   if not isinstance(tree, Mapping):
     raise InputTypeError(f"`split` takes a nested dict, got {type(tree).__name__}.")
-  trainable = _tree.trainable_leaves(tree)
+  trainable = _tree.filter_tree(tree, lambda k: k in _tree.TRAINABLE_KEYS, prune=True)
   if not trainable:
     raise InputError("The tree holds no adapter (no 'lora_a'/'lora_b' leaves); "
                      "call `jaxlora.wrap(params, ...)` first.")
-  frozen = _tree.frozen_leaves(tree)
+  frozen = _tree.filter_tree(tree, lambda k: k not in _tree.TRAINABLE_KEYS, prune=False)
   return trainable, frozen
 
 
@@ -382,7 +390,7 @@ def adapter(tree: PyTree) -> PyTree:
   >>> jax.tree.map(jnp.shape, jaxlora.adapter(t))
   {'d': {'lora_a': (4, 2), 'lora_b': (2, 4), 'lora_scale': ()}}
   """
-  return _tree.adapter_leaves(tree)
+  return _tree.filter_tree(tree, lambda k: k in _tree.ADAPTER_KEYS, prune=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,5 +469,6 @@ def summary(tree: PyTree) -> Summary:
   from jaxlora.quantization import is_quantized  # pylint: disable=import-outside-toplevel
   # A quantized kernel counts as the parameters it stands for, not its stored bytes.
   base = sum(int(math.prod(x.shape)) for x in
-             jax.tree.leaves(_tree.base_leaves(p, prune=True), is_leaf=is_quantized))
+             jax.tree.leaves(_tree.filter_tree(p, lambda k: k not in _tree.ADAPTER_KEYS,
+                                               prune=True), is_leaf=is_quantized))
   return Summary(tuple(layers), trainable, base + trainable)

@@ -30,7 +30,7 @@ def main():
   x0 = jnp.zeros((4, 8), jnp.int32)
   variables = model.init(jax.random.key(0), x0)
   tree = jaxlora.wrap(variables, rank=4, key=jax.random.key(1),
-                      layout=jaxlora.layout(model.apply, variables, x0))
+                      layout=jaxlora.trace_layout(model.apply, variables, x0))
   trainable, frozen = jaxlora.split(tree)
   tx = optax.adamw(1e-2)
   opt_state = tx.init(trainable)

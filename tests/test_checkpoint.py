@@ -26,7 +26,7 @@ def _wrapped(dtype=None):
   m = Stack()
   x = jnp.zeros((2, 5), jnp.int32)
   v = m.init(KEY, x)
-  w = jaxlora.wrap(v, rank=3, key=KEY, layout=jaxlora.layout(m.apply, v, x), dtype=dtype,
+  w = jaxlora.wrap(v, rank=3, key=KEY, layout=jaxlora.trace_layout(m.apply, v, x), dtype=dtype,
                    rank_pattern={"up": 2}, alpha_pattern={"down": 5.0})
   return v, randomize_adapters(w, jax.random.key(1))
 

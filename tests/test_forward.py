@@ -13,7 +13,7 @@ from models import MLP, Attention, EinsumNet, ScanDense, Stack
 
 def _setup(model, x, targets="all-linear", rank=2, **kw):
   v = model.init(jax.random.key(0), x)
-  lay = jaxlora.layout(model.apply, v, x)
+  lay = jaxlora.trace_layout(model.apply, v, x)
   w = jaxlora.wrap(v, rank=rank, targets=targets, key=jax.random.key(1), layout=lay, **kw)
   return v, randomize_adapters(w, jax.random.key(2))
 
@@ -55,7 +55,7 @@ def test_identity_at_init_bit_for_bit(name):
   model, make_x = CASES[name]
   x = make_x()
   v = model.init(jax.random.key(0), x)
-  lay = jaxlora.layout(model.apply, v, x)
+  lay = jaxlora.trace_layout(model.apply, v, x)
   w = jaxlora.wrap(v, rank=2, targets=".*", key=jax.random.key(1), layout=lay)
   assert len(jaxlora.summary(w).layers) == len(lay)
   base = jax.jit(model.apply)(v, x)
@@ -234,6 +234,6 @@ def test_unreached_adapter_is_reported():
   y2 = jaxlora.apply(Net().apply, check_reached=False)(w, x)
   assert not np.allclose(y, y2)  # the custom layer's adapter is ignored by the interceptor
   # With a layout, wrap refuses the custom kernel up front.
-  lay = jaxlora.layout(Net().apply, v, x)
+  lay = jaxlora.trace_layout(Net().apply, v, x)
   with pytest.raises(ValueError, match="custom/kernel.*was not used by any nn.Dense"):
     jaxlora.wrap(v, rank=2, targets="custom", key=jax.random.key(1), layout=lay)

@@ -17,7 +17,7 @@ def _stack(dtype=jnp.float32):
   x = jnp.zeros((2, 5), jnp.int32)
   v = m.init(KEY, x)
   v = jax.tree.map(lambda a: a.astype(dtype), v)
-  w = jaxlora.wrap(v, rank=3, alpha=6, key=KEY, layout=jaxlora.layout(m.apply, v, x))
+  w = jaxlora.wrap(v, rank=3, alpha=6, key=KEY, layout=jaxlora.trace_layout(m.apply, v, x))
   return v, randomize_adapters(w, jax.random.key(1))
 
 
@@ -56,7 +56,7 @@ def test_merge_interleaved_einsum():
   x = jnp.ones((1, 2, 6))
   v = m.init(KEY, x)
   w = randomize_adapters(
-      jaxlora.wrap(v, rank=2, key=KEY, targets=".*", layout=jaxlora.layout(m.apply, v, x)),
+      jaxlora.wrap(v, rank=2, key=KEY, targets=".*", layout=jaxlora.trace_layout(m.apply, v, x)),
       jax.random.key(1))
   p = jax.tree.map(f64, w["params"]["interleaved"])  # kernel (n, f, h): out, in, out
   ref = p["kernel"] + p["lora_scale"] * np.einsum("fr,rnh->nfh", p["lora_a"], p["lora_b"])

@@ -274,7 +274,7 @@ def test_nd_kernels_and_kernel_shaped_masks():
   rng = np.random.default_rng(0)
   v = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype),  # no init compile
                    jax.eval_shape(m.init, jax.random.key(0), x))
-  layout = jaxlora.layout(m.apply, v, x)
+  layout = jaxlora.trace_layout(m.apply, v, x)
   targets = "per_head|interleaved"  # an einsum-batch axis; output, input, output axes
   t1 = _randomized(jaxlora.wrap(v, rank=2, targets=targets, layout=layout,
                                 key=jax.random.key(1)), rng)

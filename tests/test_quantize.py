@@ -134,7 +134,7 @@ def test_storage_bits_and_abstract_records():
 
 def _quantized_case(model, x, targets="all-linear", exclude=None, qtype="nf4", block_size=64):
   v = jax.jit(model.init)(jax.random.key(0), x)
-  lay = jaxlora.layout(model.apply, v, x)
+  lay = jaxlora.trace_layout(model.apply, v, x)
   q = jaxlora.quantize(v, qtype, targets=targets, exclude=exclude, layout=lay,
                        block_size=block_size)
   w = jaxlora.wrap(q, rank=2, targets=".*", key=jax.random.key(1), layout=lay)
@@ -296,7 +296,7 @@ def test_bad_input_errors():
   x = jnp.ones((2, 3, 6))
   v = EinsumNet().init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="(per_head|interleaved)/kernel.*exclude"):
-    jaxlora.quantize(v, "nf4", layout=jaxlora.layout(EinsumNet().apply, v, x), targets=".*")
+    jaxlora.quantize(v, "nf4", layout=jaxlora.trace_layout(EinsumNet().apply, v, x), targets=".*")
 
 
 def test_chunked_host_quantization_and_jitted_dequantization_are_exact(monkeypatch):

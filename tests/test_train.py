@@ -27,7 +27,7 @@ def _setup():
   m = Stack()
   x, y = _data()
   v = m.init(KEY, x)
-  w = jaxlora.wrap(v, rank=2, key=jax.random.key(1), layout=jaxlora.layout(m.apply, v, x))
+  w = jaxlora.wrap(v, rank=2, key=jax.random.key(1), layout=jaxlora.trace_layout(m.apply, v, x))
   return m, v, w, x, y
 
 

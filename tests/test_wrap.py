@@ -22,7 +22,7 @@ def _stack():
   m = Stack()
   x = jnp.zeros((2, 5), jnp.int32)
   v = m.init(KEY, x)
-  return m, v, x, jaxlora.layout(m.apply, v, x)
+  return m, v, x, jaxlora.trace_layout(m.apply, v, x)
 
 
 def test_shapes_and_init_match_peft_defaults():
@@ -63,7 +63,7 @@ def test_head_found_by_tracing_even_with_an_unusual_name():
 
   x = jnp.ones((1, 4))
   v = Net().init(KEY, x)
-  lay = jaxlora.layout(Net().apply, v, x)
+  lay = jaxlora.trace_layout(Net().apply, v, x)
   assert lay["readout"].is_head and not lay["body"].is_head
   w = jaxlora.wrap(v, rank=2, key=KEY, layout=lay)
   assert [l.path for l in jaxlora.summary(w).layers] == ["body"]
@@ -114,7 +114,8 @@ def test_works_under_eval_shape_and_jit():
   assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == \
       jax.tree.map(lambda a: (a.shape, a.dtype), concrete)
   # Layout from abstract inputs too.
-  lay2 = jaxlora.layout(m.apply, jax.eval_shape(lambda: v), jax.ShapeDtypeStruct(x.shape, x.dtype))
+  lay2 = jaxlora.trace_layout(m.apply, jax.eval_shape(lambda: v),
+                              jax.ShapeDtypeStruct(x.shape, x.dtype))
   assert lay2 == lay
   jitted = jax.jit(lambda v, k: jaxlora.wrap(v, rank=2, key=k, layout=lay))(v, KEY)
   for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(concrete)):
@@ -158,7 +159,8 @@ def test_already_wrapped():
 
 def test_nd_kernel_without_layout():
   _, v, _, _ = _stack()
-  with pytest.raises(ValueError, match=r"layers/attn/k/kernel' has 4 axes.*layout=jaxlora.layout"):
+  with pytest.raises(ValueError,
+                     match=r"layers/attn/k/kernel' has 4 axes.*layout=jaxlora.trace_layout"):
     jaxlora.wrap(v, rank=2, key=KEY)
   x = jnp.ones((1, 5, 6))
   a = Attention().init(KEY, x)
@@ -171,11 +173,11 @@ def test_layout_from_another_model():
   m = Stack(layers=2)
   x = jnp.zeros((2, 5), jnp.int32)
   other = m.init(KEY, x)
-  lay = jaxlora.layout(m.apply, other, x)
+  lay = jaxlora.trace_layout(m.apply, other, x)
   w = jaxlora.wrap(v, rank=2, key=KEY, layout=lay)  # same axes, more layers: fine
   assert w["params"]["layers"]["up"]["lora_a"].shape == (3, 8, 2)
-  einsum_lay = jaxlora.layout(EinsumNet().apply, EinsumNet().init(KEY, jnp.ones((1, 2, 6))),
-                              jnp.ones((1, 2, 6)))
+  einsum_lay = jaxlora.trace_layout(EinsumNet().apply, EinsumNet().init(KEY, jnp.ones((1, 2, 6))),
+                                    jnp.ones((1, 2, 6)))
   with pytest.raises(ValueError, match="was not used"):
     jaxlora.wrap(v, rank=2, key=KEY, layout=einsum_lay, targets="up")
 
@@ -185,12 +187,12 @@ def test_ambiguous_interleaved_einsum_is_refused():
   m = nn.Einsum((4, 4), "bi,oi->bo")  # output axis first, square: A/B shapes cannot tell
   v = m.init(KEY, x)
   with pytest.raises(ValueError, match="interleave"):
-    jaxlora.wrap(v, rank=2, key=KEY, targets=".*", layout=jaxlora.layout(m.apply, v, x))
+    jaxlora.wrap(v, rank=2, key=KEY, targets=".*", layout=jaxlora.trace_layout(m.apply, v, x))
   # Non-square: the shapes identify the axes, so it is accepted and merges correctly.
   x = jnp.ones((1, 6))
   m = nn.Einsum((4, 6), "bi,oi->bo")
   v = m.init(KEY, x)
-  w = jaxlora.wrap(v, rank=2, key=KEY, targets=".*", layout=jaxlora.layout(m.apply, v, x))
+  w = jaxlora.wrap(v, rank=2, key=KEY, targets=".*", layout=jaxlora.trace_layout(m.apply, v, x))
   w["params"]["lora_b"] = jnp.ones_like(w["params"]["lora_b"])
   np.testing.assert_allclose(jaxlora.apply(m.apply)(w, x), m.apply(jaxlora.merge(w), x),
                              rtol=1e-5)

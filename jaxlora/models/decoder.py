@@ -189,6 +189,28 @@ class Decoder(nn.Module):
       fully). The params keep their stacked layout either way.
     attention: the attention implementation (`jaxlora.models.attention`): 'auto' (cuDNN
       on NVIDIA GPUs, splash on TPU, XLA elsewhere), 'xla', 'cudnn', 'splash' or 'flash'.
+
+  The decoder implements every protocol of `jaxlora.model_api`, which is how
+  the core (`jaxlora.wrap`, `jaxlora.sharding`, `jaxlora.peft`,
+  `jaxlora.generate`) uses it without importing it.
+
+  >>> import jaxlora
+  >>> cfg = jaxlora.models.ModelConfig(
+  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
+  ...     tie_word_embeddings=False)
+  >>> model = jaxlora.models.Decoder(cfg)
+  >>> api = jaxlora.model_api
+  >>> all(isinstance(model, p) for p in (api.AbstractModel, api.LayoutProvider,
+  ...     api.ActivationPlanner, api.HubNames, api.CachedLM))
+  True
+  >>> model.hf_module_name(("layers", "mlp", "up_proj"), 1)
+  'model.layers.1.mlp.up_proj'
+  >>> model.flax_module_path("model.layers.1.mlp.up_proj")
+  (('layers', 'mlp', 'up_proj'), 1)
+  >>> model.init_cache(batch=2, max_length=8)["k"].shape
+  (2, 2, 8, 2, 4)
   """
   config: ModelConfig
   dtype: Any = jnp.float32
@@ -197,9 +219,62 @@ class Decoder(nn.Module):
   scan_unroll: int = 1
   attention: str = "auto"
 
+  # jaxlora.model_api.LayoutProvider
   def lora_layout(self, params) -> kernel_layout.Layout:
     """The kernel layout of this model, so that ``jaxlora.wrap(..., layout=model)`` works."""
     return _lora_layout(self, params)
+
+  # jaxlora.model_api.AbstractModel
+  def abstract_variables(self) -> dict:
+    """The boxed variables `init` would create (logical axis names kept), allocating nothing."""
+    # Params do not depend on the attention implementation; trace with XLA's, which every
+    # host runs, so that a CPU host can plan a model set up for its TPU or GPU kernels.
+    return abstract_variables(self.clone(attention="xla"))
+
+  # jaxlora.model_api.ActivationPlanner
+  def activation_bytes(self, mesh: Any, **kwargs: Any) -> dict[str, int]:
+    """Per-device bytes of a training step's activations and logits (`memory.activation_bytes`).
+
+    ``remat`` and ``attention`` default to the model's own.
+    """
+    from jaxlora.models import memory  # pylint: disable=import-outside-toplevel
+    return memory.activation_bytes(self, mesh, **kwargs)
+
+  # jaxlora.model_api.HubNames
+  @property
+  def fan_in_fan_out(self) -> bool:
+    """PEFT's flag for PyTorch weights stored (in, out): GPT-2's Conv1D."""
+    return self.config.is_gpt2
+
+  def hf_module_name(self, module_path: tuple[str, ...], layer: int | None) -> str:
+    """The PyTorch module name of a flax module path (`jaxlora.models.hub.hf_module_name`)."""
+    from jaxlora.models import hub  # pylint: disable=import-outside-toplevel
+    return hub.hf_module_name(self.config, module_path, layer)
+
+  def flax_module_path(self, name: str) -> tuple[tuple[str, ...], int | None]:
+    """Inverse of `hf_module_name`: ``(module path, layer or None)``."""
+    from jaxlora.models import hub  # pylint: disable=import-outside-toplevel
+    return hub.flax_module_path(self.config, name)
+
+  # jaxlora.model_api.CachedLM
+  def init_cache(self, batch: int, max_length: int) -> dict:
+    """An empty KV cache in the compute dtype (`jaxlora.models.init_cache`)."""
+    return init_cache(self.config, batch, max_length, self.dtype)
+
+  @property
+  def eos_token_id(self) -> int | tuple[int, ...] | None:
+    """The checkpoint's end-of-sequence token(s)."""
+    return self.config.eos_token_id
+
+  @property
+  def pad_token_id(self) -> int | None:
+    """The checkpoint's padding token."""
+    return self.config.pad_token_id
+
+  @property
+  def max_positions(self) -> int | None:
+    """GPT-2's learned positions bound the sequence; rotary positions (Llama) do not."""
+    return self.config.max_position_embeddings if self.config.is_gpt2 else None
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
@@ -340,7 +415,9 @@ def _segment_positions(seg):
 
 def _lora_layout(model: "Decoder", params) -> kernel_layout.Layout:
   ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-  return kernel_layout.layout(model.apply, {"params": _tree.get_params(params)}, ids)
+  # Kernel roles do not depend on the attention implementation; XLA's traces on every host.
+  return kernel_layout.trace_layout(model.clone(attention="xla").apply,
+                                    {"params": _tree.get_params(params)}, ids)
 
 
 def abstract_variables(model: "Decoder") -> dict:

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora import _files
 from jaxlora import _tree
-from jaxlora.models import safetensors_io
+from jaxlora import safetensors_io
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.decoder import Decoder, abstract_variables
 from jaxlora.errors import InputError, InputTypeError, NotFoundError
@@ -529,7 +530,10 @@ def save_pretrained(path: str, model: Decoder, params: Any, *,
   first = next(iter(tensors.values()))
   hf_cfg["dtype"] = str(first.dtype) if str(first.dtype) != "bfloat16" else "bfloat16"
 
-  with _files.staging_dir(path, prefix=".tmp-save-") as tmp:
+  parent = os.path.dirname(os.path.abspath(path)) or "."
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-save-")
+  try:
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name in sorted(tensors):
@@ -556,10 +560,14 @@ def save_pretrained(path: str, model: Decoder, params: Any, *,
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_cfg, f, indent=2, sort_keys=True)
     files.append("config.json")
+    os.makedirs(path, exist_ok=True)
     for stale in ("model.safetensors", "model.safetensors.index.json"):
       if stale not in files and os.path.exists(os.path.join(path, stale)):
         os.remove(os.path.join(path, stale))
-    _files.publish(tmp, path, files)  # config.json last: it makes the directory loadable
+    for fname in files:
+      os.replace(os.path.join(tmp, fname), os.path.join(path, fname))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def init(model: Decoder, key: jax.Array) -> dict:

@@ -190,9 +190,7 @@ def trace_layout(apply_fn: Callable[..., Any], variables: Mapping, *args: Any,
   params = _tree.get_params(variables)
   kernels = {}
   for path, (kind, roles, local_shape) in seen.items():
-    node = params
-    for k in path.split("/") if path else ():
-      node = node[k]
+    node = _tree.lookup(params, tuple(path.split("/")) if path else ())
     full_shape = tuple(np.shape(node[_tree.KERNEL_KEY]))
     n_stack = len(full_shape) - len(local_shape)
     if n_stack < 0 or full_shape[n_stack:] != local_shape:

@@ -12,19 +12,18 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 
+from jaxlora import _files
 from jaxlora import _multihost
+from jaxlora import _tree
 from jaxlora import model_api
 from jaxlora import safetensors_io
-from jaxlora import _tree
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
 from jaxlora.errors import InputError, NotFoundError
 
@@ -83,8 +82,8 @@ def save(path: str, tree: Any, *, model: model_api.HubNames,
   ranks: dict[str, int] = {}
   alphas: dict[str, float] = {}
   leaf_names: set[str] = set()
-  stacked_paths: set[tuple[str, ...]] = set()  # modules with a layer axis (nn.scan)
   adapted: set[tuple[str, ...]] = set()
+  stacked_paths: set[tuple[str, ...]] = set()  # modules with a layer axis (nn.scan)
   for path_t, mod in mods:
     a = _multihost.host_value(mod[A_KEY])
     b = _multihost.host_value(mod[B_KEY])
@@ -105,9 +104,9 @@ def save(path: str, tree: Any, *, model: model_api.HubNames,
       ranks[name] = r
       alphas[name] = si * (math.sqrt(r) if use_rslora else r)
     leaf_names.add(path_t[-1])
+    adapted.add(path_t)
     if stacked:
       stacked_paths.add(path_t)
-    adapted.add(path_t)
 
   r0 = collections.Counter(ranks.values()).most_common(1)[0][0]
   alpha0 = collections.Counter(alphas.values()).most_common(1)[0][0]
@@ -139,26 +138,12 @@ def save(path: str, tree: Any, *, model: model_api.HubNames,
 
 def _write(path: str, tensors: dict[str, np.ndarray], config: dict) -> None:
   """Stages both files locally, then moves (or, for URLs, copies) them into `path`."""
-  remote = "://" in path
-  parent = None
-  if not remote:  # stage beside the target so that the final moves are renames
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-  stage = tempfile.mkdtemp(prefix=".tmp-peft-", dir=parent)
-  try:
+  with _files.staging_dir(path, prefix=".tmp-peft-") as stage:
     safetensors_io.save_file(tensors, os.path.join(stage, WEIGHTS_NAME), {"format": "pt"})
     with open(os.path.join(stage, CONFIG_NAME), "w") as f:
       json.dump(config, f, indent=2, sort_keys=True)
-    dest = epath.Path(path)
-    dest.mkdir(parents=True, exist_ok=True)
     # Weights first: a directory is a loadable adapter only once its config is in place.
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-      if remote:
-        epath.Path(stage, name).copy(dest / name, overwrite=True)
-      else:
-        os.replace(os.path.join(stage, name), os.path.join(path, name))
-  finally:
-    shutil.rmtree(stage, ignore_errors=True)
+    _files.publish(stage, path, (WEIGHTS_NAME, CONFIG_NAME))
 
 
 def _num(x: float) -> int | float:
@@ -261,13 +246,11 @@ def load(path: str, base_params: Any, *, model: model_api.HubNames,
 
   new = {}
   for module_path, per_layer in sorted(factors.items(), key=lambda kv: kv[0]):
-    node = p
-    for k in module_path:
-      if not isinstance(node, dict) or k not in node:
-        some = next(iter(per_layer.values()))["name"]
-        raise InputError(f"{path}: the adapter targets {some!r}, which the "
-                         f"model ({type(model).__name__}) does not have.")
-      node = node[k]
+    node = _tree.lookup(p, module_path, None)
+    if not isinstance(node, Mapping):
+      some = next(iter(per_layer.values()))["name"]
+      raise InputError(f"{path}: the adapter targets {some!r}, which the "
+                       f"model ({type(model).__name__}) does not have.")
     if KERNEL_KEY not in node:
       raise InputError(f"{path}: module {_tree.join(module_path)!r} has no kernel.")
     kernel = node[KERNEL_KEY]

@@ -69,7 +69,7 @@ def adapter_shardings(tree: Any) -> Any:
       else:
         out[k] = sharding
     new[path_t] = out
-  adapter_only = _tree.filter_tree(p, lambda k: k in _tree.ADAPTER_KEYS, prune=True)
+  adapter_only = _tree.adapter_leaves(p)
   result = _tree.replace_modules(adapter_only, new)
   return _tree.with_params(tree, result) if _tree.is_variables(tree) else result
 
@@ -266,14 +266,14 @@ def tree_shardings(tree: Any, base_shardings: Any) -> Any:
   """
   from jaxlora.quantization import is_quantized  # pylint: disable=import-outside-toplevel
   p = _tree.get_params(tree)
-  base = _tree.filter_tree(p, lambda k: k not in _tree.ADAPTER_KEYS, prune=False)
+  base = _tree.base_leaves(p, prune=False)
   base_sh = _tree.get_params(base_shardings)
   # Quantized kernels: adapters follow the float kernel's sharding; the record gets its own.
   with_sharding = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                base, base_sh, is_leaf=is_quantized)
   base_sh = jax.tree.map(lambda x, s: quantized_sharding(x, s) if is_quantized(x) else s,
                          base, base_sh, is_leaf=is_quantized)
-  adapters = _tree.filter_tree(p, lambda k: k in _tree.ADAPTER_KEYS, prune=True)
+  adapters = _tree.adapter_leaves(p)
   abstract = _tree.merge_trees(with_sharding, adapters)
   return _tree.merge_trees(base_sh, adapter_shardings(abstract))
 
@@ -489,8 +489,7 @@ def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-l
   t_sh, _ = transform.split(sh)
   tx = tx if tx is not None else optax.adamw(1e-4)
   state = jax.eval_shape(tx.init, trainable)
-  not_adapter = lambda t: _tree.filter_tree(t, lambda k: k not in _tree.ADAPTER_KEYS, prune=True)
-  base = bytes_per_device(not_adapter(wrapped), not_adapter(sh))
+  base = bytes_per_device(_tree.base_leaves(wrapped, prune=True), _tree.base_leaves(sh, prune=True))
   adapter = bytes_per_device(transform.adapter(wrapped), transform.adapter(sh))
   opt = bytes_per_device(state, opt_state_shardings(tx, trainable, t_sh, mesh))
   plan = {"base": base, "adapter": adapter, "optimizer": opt, "total": base + adapter + opt}

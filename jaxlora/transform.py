@@ -250,7 +250,7 @@ def merge(tree: PyTree, *, requantize: bool = False) -> PyTree:
   for path_t, mod in _tree.adapter_modules(p):
     path = _tree.join(path_t)
     kernel = mod[KERNEL_KEY]
-    out = {k: v for k, v in mod.items() if k not in _tree.ADAPTER_KEYS}
+    out = _tree.module_base(mod)
     wide = _wide(kernel.dtype)
     merged = (kernel.astype(wide) + _delta(path, kernel, mod)).astype(kernel.dtype)
     if requantize and quantization.is_quantized(kernel):
@@ -297,13 +297,11 @@ def unmerge(merged: PyTree, adapter_tree: PyTree) -> PyTree:
   new = {}
   for path_t, amod in mods:
     path = _tree.join(path_t)
-    node = p
-    for k in path_t:
-      if not isinstance(node, Mapping) or k not in node:
-        raise InputError(
-            f"The adapter has a layer at '{path}' but the merged params have no such "
-            "module; the adapter belongs to another model.")
-      node = node[k]
+    node = _tree.lookup(p, path_t, None)
+    if not isinstance(node, Mapping):
+      raise InputError(
+          f"The adapter has a layer at '{path}' but the merged params have no such "
+          "module; the adapter belongs to another model.")
     if KERNEL_KEY not in node:
       raise InputError(f"The merged params have no kernel at '{path}/kernel' for the adapter.")
     kernel = node[KERNEL_KEY]
@@ -349,11 +347,11 @@ def split(tree: PyTree) -> tuple[PyTree, PyTree]:
   """
   if not isinstance(tree, Mapping):
     raise InputTypeError(f"`split` takes a nested dict, got {type(tree).__name__}.")
-  trainable = _tree.filter_tree(tree, lambda k: k in _tree.TRAINABLE_KEYS, prune=True)
+  trainable = _tree.trainable_leaves(tree)
   if not trainable:
     raise InputError("The tree holds no adapter (no 'lora_a'/'lora_b' leaves); "
                      "call `jaxlora.wrap(params, ...)` first.")
-  frozen = _tree.filter_tree(tree, lambda k: k not in _tree.TRAINABLE_KEYS, prune=False)
+  frozen = _tree.frozen_leaves(tree)
   return trainable, frozen
 
 
@@ -390,7 +388,7 @@ def adapter(tree: PyTree) -> PyTree:
   >>> jax.tree.map(jnp.shape, jaxlora.adapter(t))
   {'d': {'lora_a': (4, 2), 'lora_b': (2, 4), 'lora_scale': ()}}
   """
-  return _tree.filter_tree(tree, lambda k: k in _tree.ADAPTER_KEYS, prune=True)
+  return _tree.adapter_leaves(tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -469,6 +467,5 @@ def summary(tree: PyTree) -> Summary:
   from jaxlora.quantization import is_quantized  # pylint: disable=import-outside-toplevel
   # A quantized kernel counts as the parameters it stands for, not its stored bytes.
   base = sum(int(math.prod(x.shape)) for x in
-             jax.tree.leaves(_tree.filter_tree(p, lambda k: k not in _tree.ADAPTER_KEYS,
-                                               prune=True), is_leaf=is_quantized))
+             jax.tree.leaves(_tree.base_leaves(p, prune=True), is_leaf=is_quantized))
   return Summary(tuple(layers), trainable, base + trainable)

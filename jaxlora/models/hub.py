@@ -6,8 +6,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import _files
 from jaxlora import _tree
 from jaxlora import safetensors_io
 from jaxlora.models.config import ModelConfig
@@ -530,10 +529,7 @@ def save_pretrained(path: str, model: Decoder, params: Any, *,
   first = next(iter(tensors.values()))
   hf_cfg["dtype"] = str(first.dtype) if str(first.dtype) != "bfloat16" else "bfloat16"
 
-  parent = os.path.dirname(os.path.abspath(path)) or "."
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-save-")
-  try:
+  with _files.staging_dir(path, prefix=".tmp-save-") as tmp:
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name in sorted(tensors):
@@ -560,14 +556,10 @@ def save_pretrained(path: str, model: Decoder, params: Any, *,
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_cfg, f, indent=2, sort_keys=True)
     files.append("config.json")
-    os.makedirs(path, exist_ok=True)
     for stale in ("model.safetensors", "model.safetensors.index.json"):
       if stale not in files and os.path.exists(os.path.join(path, stale)):
         os.remove(os.path.join(path, stale))
-    for fname in files:
-      os.replace(os.path.join(tmp, fname), os.path.join(path, fname))
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    _files.publish(tmp, path, files)  # config.json last: it makes the directory loadable
 
 
 def init(model: Decoder, key: jax.Array) -> dict:

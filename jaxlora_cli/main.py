@@ -222,7 +222,8 @@ def _cmd_train(args) -> None:
     # CPU processes (tests, laptops) need gloo collectives; accelerators ignore the setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)  # TPU pods and SLURM need no arguments
-  result = trainer.train(cfg, progress=not args.no_progress,
+  # SIGTERM/SIGINT: finish the step, checkpoint it, exit with preemption.EXIT_CODE.
+  result = trainer.train(cfg, progress=not args.no_progress, handle_signals=True,
                          log=lambda s: print(s, file=sys.stderr))
   if result:  # empty on processes other than 0
     print(json.dumps(result, indent=2))
@@ -242,7 +243,9 @@ def _cmd_eval(args) -> None:
   if args.run_dir is None:
     raise ConfigError("eval needs a RUN_DIR, or --base MODEL_DIR --adapter NAME=DIR "
                       "--data FILE")
-  cfg, model, tok, params, tree = trainer.load_run(args.run_dir)
+  loaded = trainer.load_run(args.run_dir)
+  cfg, model, tok, params, tree = (loaded.cfg, loaded.model, loaded.tokenizer, loaded.params,
+                                   loaded.tree)
   if args.data:
     examples = data_lib.tokenize(data_lib.read_rows(args.data), cfg.data, tok, args.data)
   else:
@@ -329,7 +332,8 @@ def _cmd_generate(args) -> None:
   if args.use:
     raise ConfigError(f"--use {args.use[0]}: {run_dir} holds one adapter; --use picks among "
                       "--adapter NAME=DIR ones")
-  cfg, model, tok, params, tree = trainer.load_run(run_dir)
+  loaded = trainer.load_run(run_dir)
+  model, tok, params, tree = loaded.model, loaded.tokenizer, loaded.params, loaded.tree
   args.base = base
   if args.base and jaxlora.quantization.records(params):
     # A quantized base runs through jaxlora.apply's quantized layers: B = 0 gives its function.
@@ -407,7 +411,8 @@ def _merged_export(run_dir: str, out: str) -> None:
   from jaxlora_cli import trainer  # pylint: disable=import-outside-toplevel
 
   config_lib.check_output_dir(out, "--out")
-  cfg, model, tok, params, tree = trainer.load_run(run_dir)
+  loaded = trainer.load_run(run_dir)
+  cfg, model, tree = loaded.cfg, loaded.model, loaded.tree
   # A quantized (QLoRA) base merges into float kernels; dequantize any kernel left quantized
   # (one without an adapter), so the checkpoint is a plain float one that transformers loads.
   # Jitted: one compiled program instead of a dozen eager ops per quantized kernel.
@@ -430,7 +435,8 @@ def _cmd_export(args) -> None:
   from jaxlora_cli import trainer  # pylint: disable=import-outside-toplevel
 
   config_lib.check_output_dir(args.out, "--out")
-  cfg, model, tok, params, tree = trainer.load_run(args.run_dir)
+  loaded = trainer.load_run(args.run_dir)
+  cfg, model, tree = loaded.cfg, loaded.model, loaded.tree
   jaxlora.peft.save(args.out, tree, model=model,
                     base_model_name_or_path=os.path.abspath(cfg.model.path))
   print(f"wrote PEFT adapter to {args.out}", file=sys.stderr)
@@ -452,12 +458,16 @@ def main(argv: list[str] | None = None) -> int:
   for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
   os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  from jaxlora_cli.preemption import TrainingPreempted  # pylint: disable=import-outside-toplevel
+
   commands = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate,
               "merge": _cmd_merge, "merge-adapters": merge_adapters_cli.cmd_merge_adapters,
               "export": _cmd_export, "plot": _cmd_plot,
               "demo": _cmd_demo}
   try:
     commands[args.command](args)
+  except TrainingPreempted as e:  # the trainer logged where it stopped; rerunning resumes
+    return e.exit_code
   except Exception as e:  # pylint: disable=broad-exception-caught  (sorted by _report)
     if args.debug:
       raise

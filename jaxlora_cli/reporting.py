@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 from etils import epath
@@ -72,24 +73,94 @@ def read(path: Any) -> list[dict]:
 
 
 class Progress:
-  """A progress bar with loss, tokens/s and ETA (to stderr)."""
+  """Training progress on stderr: step/total, loss, tokens/s and ETA.
 
-  def __init__(self, total: int, initial: int, enabled: bool = True):
+  On a terminal, a tqdm bar. Elsewhere (CI logs, ``nohup``, a TPU pod's log
+  files), where a bar's carriage-return redraws would pile up, one plain line
+  at every `every`-th step, whenever `interval` seconds have passed since the
+  last line, and at the last step:
+
+  >>> import io
+  >>> clock = iter([0.0, 5.0, 6.0, 7.0, 8.0]).__next__  # the first step compiles
+  >>> out = io.StringIO()
+  >>> p = Progress(4, 0, stream=out, every=2, clock=clock)
+  >>> for step in range(1, 5):
+  ...   p.update(step, loss=2.0 / step, tokens_per_s=1000.0)
+  >>> p.close()
+  >>> print(out.getvalue(), end="")
+  step 2/4 (50%), loss 1.0000, 1,000 tok/s, elapsed 0:00:06, ETA 0:00:02
+  step 4/4 (100%), loss 0.5000, 1,000 tok/s, elapsed 0:00:08, ETA 0:00:00
+
+  The ETA assumes the pace since the first update: the first step, which
+  includes compilation, is left out.
+  """
+
+  def __init__(self, total: int, initial: int, enabled: bool = True, *, stream=None,
+               every: int = 10, interval: float = 30.0, clock=time.monotonic):
+    """Starts the progress display.
+
+    Args:
+      total: the run's last step.
+      initial: the step it starts from (a resumed run's checkpoint).
+      enabled: False shows nothing.
+      stream: where to write (default: ``sys.stderr``).
+      every: plain lines: one at every multiple of this many steps.
+      interval: plain lines: one also once this many seconds passed since the last.
+      clock: seconds, for the pace and `interval` (tests pass a fake one).
+    """
     self._bar = None
-    if enabled:
+    self._stream = sys.stderr if stream is None else stream
+    self._plain = enabled and not _isatty(self._stream)
+    self._total, self._every, self._interval, self._clock = total, max(every, 1), interval, clock
+    self._first: tuple[int, float] | None = None  # (step, time) of the first update
+    self._start = self._last_line = clock() if self._plain else 0.0
+    if enabled and not self._plain:
       from tqdm import tqdm  # pylint: disable=import-outside-toplevel
       self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                       file=sys.stderr, smoothing=0.1)
+                       file=self._stream, smoothing=0.1)
 
   def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    """Shows that `step` is done, with its loss and the throughput so far."""
     if self._bar is not None:
       self._bar.n = step
       self._bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s", refresh=False)
       self._bar.refresh()
+    if not self._plain:
+      return
+    now = self._clock()
+    if self._first is None:
+      self._first = (step, now)
+      self._last_line = now
+    if step % self._every and step != self._total and now - self._last_line < self._interval:
+      return
+    self._last_line = now
+    first_step, first_time = self._first
+    pace = (now - first_time) / (step - first_step) if step > first_step else None
+    eta = "?" if pace is None else _hms(pace * (self._total - step))
+    print(f"step {step}/{self._total} ({100 * step // max(self._total, 1)}%), loss {loss:.4f}, "
+          f"{tokens_per_s:,.0f} tok/s, elapsed {_hms(now - self._start)}, ETA {eta}",
+          file=self._stream, flush=True)
 
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
+
+
+def _isatty(stream) -> bool:
+  try:
+    return stream.isatty()
+  except (AttributeError, ValueError):  # no such method, or a closed file
+    return False
+
+
+def _hms(seconds: float) -> str:
+  """``H:MM:SS``.
+
+  >>> _hms(3725.4)
+  '1:02:05'
+  """
+  s = int(round(max(seconds, 0.0)))
+  return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def plot(run_dir: Any) -> str | None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
 import time
+import warnings
 import zlib
 from typing import Any
 
@@ -24,8 +26,10 @@ from jaxlora import _tree
 from jaxlora.models import attention as attention_lib
 from jaxlora_cli import config as config_lib
 from jaxlora_cli import data as data_lib
+from jaxlora_cli import preemption
 from jaxlora_cli import reporting
 from jaxlora_cli.config import Config, ConfigError
+from jaxlora_cli.preemption import TrainingPreempted  # noqa: F401  (re-exported)
 
 
 class TrainingDiverged(RuntimeError):
@@ -113,7 +117,8 @@ def load_data(cfg: Config, tok, model_max: int):
 def schedule(cfg: Config):
   t = cfg.train
   if t.warmup_steps > 0:
-    return optax.warmup_cosine_decay_schedule(0.0, t.lr, t.warmup_steps, max(t.steps, t.warmup_steps + 1),
+    return optax.warmup_cosine_decay_schedule(0.0, t.lr, t.warmup_steps,
+                                              max(t.steps, t.warmup_steps + 1),
                                               t.lr * t.min_lr_ratio)
   return optax.cosine_decay_schedule(t.lr, t.steps, alpha=t.min_lr_ratio)
 
@@ -376,18 +381,169 @@ def check_run_dir(cfg: Config) -> bool:
   return True
 
 
-def train(cfg: Config, *, log=print, progress: bool = True) -> dict:
-  """Runs (or resumes) training; returns a summary dict. Writes everything under cfg.output_dir."""
+def train(cfg: Config, *, log=print, progress: bool = True,
+          handle_signals: bool = False) -> dict:
+  """Runs (or resumes) training; returns a summary dict. Writes everything under cfg.output_dir.
+
+  Args:
+    cfg: the run's configuration.
+    log: called with each line of news (resuming, what is trained, a stop).
+    progress: show progress on stderr (`reporting.Progress`).
+    handle_signals: stop cleanly on SIGTERM or SIGINT (`preemption.StopSignals`):
+      finish the step in flight, checkpoint it and raise `TrainingPreempted`.
+      The previous handlers are restored on return.
+
+  Raises:
+    TrainingPreempted: a signal stopped the run (`handle_signals`); rerunning resumes it.
+    TrainingDiverged: the loss became NaN or infinite.
+  """
   resume = check_run_dir(cfg)
   if jax.process_count() > 1:  # every process decides before process 0 writes anything
     multihost_utils.sync_global_devices("jaxlora: run directory checked")
   mesh = make_mesh(cfg)
+  stops = preemption.StopSignals() if handle_signals else None
   # The mesh context lets the Pallas attention kernels run per device (shard_map).
-  with jax.set_mesh(mesh):
-    return _train(cfg, mesh, resume, log, progress)
+  with jax.set_mesh(mesh), stops or contextlib.nullcontext():
+    return _train(cfg, mesh, resume, log, progress, stops)
 
 
-def _train(cfg: Config, mesh, resume: bool, log, progress: bool) -> dict:
+@dataclasses.dataclass
+class TrainState:
+  """What a training step changes: the step count, adapter, optimizer state and PRNG key.
+
+  The data position lives in `Run.batcher` (it advances as batches are drawn).
+  """
+  step: int
+  trainable: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """The eval loss of the run's fixed eval batches (`make_eval`).
+
+  With an adapter bank the loss is the mean of the adapters' own eval losses,
+  and `per_adapter` holds each adapter's latest one.
+  """
+  run_eval: Any  # make_eval's run(trainable, frozen, batches)
+  batches: list
+  bank: bool = False
+  per_adapter: dict[str, float] = dataclasses.field(default_factory=dict)
+
+  def __bool__(self) -> bool:
+    return bool(self.batches)
+
+  def __call__(self, trainable, frozen) -> float | None:
+    loss = self.run_eval(trainable, frozen, self.batches)
+    if not self.bank:
+      return loss
+    self.per_adapter.clear()
+    self.per_adapter.update(loss)
+    return float(np.mean(list(loss.values()))) if loss else None
+
+  def record(self, step: int, loss: float | None) -> dict:
+    """The metrics.jsonl record of an eval at `step`."""
+    return {"step": step, "eval_loss": loss,
+            **{f"eval_loss/{n}": v for n, v in self.per_adapter.items()}}
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything `setup` builds for a training run; the loop reads it and changes no field.
+
+  (`batcher` and `ckpt` are objects with their own state: the data position and
+  the checkpoints written.)
+  """
+  cfg: Config
+  out: str  # the run directory: an absolute path, or a URL (gs://)
+  model: Any
+  params: Any  # the base parameters as loaded
+  tokenizer: Any
+  train_examples: list
+  eval_examples: list
+  names: list[str] | None  # the bank's adapter names (data.adapter_field); None: one adapter
+  bank: Any  # the jaxlora bank of `names` (its tree's base leaves are `frozen`), or None
+  summary: Any  # jaxlora.summary of one adapter
+  frozen: Any
+  lr_schedule: Any
+  step_fn: Any  # make_train_step's jitted step
+  place: Any  # a host batch -> the global batch on the mesh (`make_place`)
+  rows: tuple[int, int]  # this process's rows of each batch (`process_rows`)
+  batcher: data_lib.Batcher
+  evaluator: Evaluator
+  ckpt: jaxlora.CheckpointManager
+  metrics: Any  # reporting.Metrics on process 0, NullMetrics elsewhere
+
+  @property
+  def n_trainable(self) -> int:
+    return self.summary.trainable * (1 if self.names is None else len(self.names))
+
+  @property
+  def n_total(self) -> int:
+    return self.summary.total - self.summary.trainable + self.n_trainable
+
+
+@dataclasses.dataclass
+class Throughput:
+  """Target tokens per second, counted from the end of the first (compiling) step."""
+  tokens: float = 0.0
+  _t_first: float | None = None
+  _tokens_first: float = 0.0
+
+  def update(self, tokens: float, now: float) -> float:
+    """Adds a step's `tokens`, finished at time `now`; returns the rate so far (0 at first).
+
+    >>> speed = Throughput()
+    >>> speed.update(100, now=10.0), speed.update(50, now=11.0), speed.update(50, now=12.0)
+    (0.0, 50.0, 50.0)
+    """
+    self.tokens += tokens
+    if self._t_first is None:
+      self._t_first, self._tokens_first = now, self.tokens
+    return (self.tokens - self._tokens_first) / (now - self._t_first) \
+        if now > self._t_first else 0.0
+
+
+def make_place(batch_sharding, rows: tuple[int, int], batch_size: int):
+  """``place(batch, local=False)``: a host batch as the global batch on the mesh.
+
+  `batch` holds this process's rows (`local`) or the whole global batch; on
+  multi-process runs each process contributes only its own `rows`.
+  """
+  def place(batch, local=False):
+    if jax.process_count() == 1:
+      return jax.device_put(batch, batch_sharding)
+    if not local:
+      batch = {name: v[:, rows[0]:rows[1]] for name, v in batch.items()}
+    shape = lambda v: (v.shape[0], batch_size, *v.shape[2:])
+    return {name: jax.make_array_from_process_local_data(batch_sharding, v, shape(v))
+            for name, v in batch.items()}
+
+  return place
+
+
+def init_adapters(cfg: Config, params, model, names: list[str] | None):
+  """The run's wrapped tree: ``(tree, bank, one adapter's tree)``.
+
+  Without `names`, one adapter (init key from train.seed) and no bank; with
+  them, a bank (`jaxlora.stack`) of one adapter per name (`adapter_key`).
+  """
+  if names is None:
+    tree = wrap(cfg, params, model, jax.random.key(cfg.train.seed))
+    return tree, None, tree
+  singles = {n: wrap(cfg, params, model, adapter_key(cfg.train.seed, n)) for n in names}
+  bank = jaxlora.stack(singles)
+  return bank.tree, bank, singles[names[0]]
+
+
+def setup(cfg: Config, mesh, resume: bool, log=print) -> tuple[Run, TrainState]:
+  """Loads model, tokenizer and data, builds adapters, optimizer and step, and restores.
+
+  Returns the run and its state: at step 0, or at the latest checkpoint when
+  `resume` (then metrics after that step are dropped). Process 0 writes the run
+  directory's config.yaml.
+  """
   n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if cfg.train.batch_size % n_batch_shards:
     raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of "
@@ -401,17 +557,9 @@ def _train(cfg: Config, mesh, resume: bool, log, progress: bool) -> dict:
     epath.Path(out).mkdir(parents=True, exist_ok=True)
     epath.Path(out, "config.yaml").write_text(config_lib.dump(cfg))
 
-  lc = cfg.lora
   names = adapter_names(cfg, train_ex)  # None: one adapter; else one per data.adapter_field value
-  if names is None:
-    tree = wrap(cfg, params, model, jax.random.key(cfg.train.seed))
-    bank, adapter_index = None, None
-  else:
-    singles = {n: wrap(cfg, params, model, adapter_key(cfg.train.seed, n)) for n in names}
-    bank = jaxlora.stack(singles)
-    tree, adapter_index = bank.tree, {n: i for i, n in enumerate(names)}
-  summary = jaxlora.summary(tree if bank is None else singles[names[0]])
-  n_trainable = summary.trainable * (1 if bank is None else len(names))
+  tree, bank, single = init_adapters(cfg, params, model, names)
+  adapter_index = None if names is None else {n: i for i, n in enumerate(names)}
   lr_schedule = schedule(cfg)
   tx = optimizer(cfg, lr_schedule)
   rep = NamedSharding(mesh, PartitionSpec())
@@ -422,7 +570,7 @@ def _train(cfg: Config, mesh, resume: bool, log, progress: bool) -> dict:
     t_sh, f_sh = jaxlora.split(jaxlora.sharding.tree_shardings(tree, base_sh))
   else:  # a bank's stacked adapter leaves are small: replicated; base leaves as usual
     t_sh, f_sh = jaxlora.split(_bank_shardings(
-        tree, jaxlora.sharding.tree_shardings(singles[names[0]], base_sh), rep))
+        tree, jaxlora.sharding.tree_shardings(single, base_sh), rep))
   b_sh = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
   trainable, frozen = jaxlora.split(tree)
   trainable, frozen = jax.device_put(trainable, t_sh), jax.device_put(frozen, f_sh)
@@ -430,149 +578,183 @@ def _train(cfg: Config, mesh, resume: bool, log, progress: bool) -> dict:
   opt_state = jax.jit(tx.init, out_shardings=o_sh)(trainable)
 
   rows = process_rows(b_sh, cfg.train.batch_size)
-
-  def place(batch, local=False):
-    """The global batch on the mesh; each process contributes only its own rows.
-
-    `batch` holds this process's rows (`local`) or the whole global batch.
-    """
-    if jax.process_count() == 1:
-      return jax.device_put(batch, b_sh)
-    if not local:
-      batch = {name: v[:, rows[0]:rows[1]] for name, v in batch.items()}
-    shape = lambda v: (v.shape[0], cfg.train.batch_size, *v.shape[2:])
-    return {name: jax.make_array_from_process_local_data(b_sh, v, shape(v))
-            for name, v in batch.items()}
-  rng = jax.random.key(cfg.train.seed + 1)
+  place = make_place(b_sh, rows, cfg.train.batch_size)
   pid = pad_id(tok)
-  batcher = data_lib.Batcher(train_ex, cfg.train.batch_size, cfg.data.max_length,
-                             cfg.data.seed, pid, packing=cfg.data.packing,
-                             adapter_index=adapter_index)
-  ckpt = jaxlora.CheckpointManager(run_path(out, "checkpoints"),
-                                   max_to_keep=cfg.train.keep_checkpoints,
-                                   save_interval_steps=cfg.train.save_every)
-  metrics = reporting.Metrics(out) if main_process else reporting.NullMetrics()
-  start = 0
-  if resume and ckpt.latest_step() is not None:
-    try:
-      state = ckpt.restore(trainable=trainable, opt_state=opt_state)
-    except ValueError as e:
-      raise ConfigError(f"the checkpoint in {run_path(out, 'checkpoints')} does not match this "
-                        f"run's adapter/optimizer settings ({str(e).splitlines()[0]})") from None
-    start, trainable, opt_state, rng = (state["step"], state["trainable"], state["opt_state"],
-                                        state["rng"])
-    batcher.state = state["data_state"]
-    metrics.truncate(start)
-    log(f"resuming {out} from step {start}")
-  step_fn = make_train_step(model, tx, lc.dropout, (t_sh, o_sh, f_sh, b_sh, rep),
-                            loss_chunk_size=cfg.train.loss_chunk_size,
-                            capacity=None if bank is None else len(names))
-  ev = make_eval(model, place, loss_chunk_size=cfg.train.loss_chunk_size,
-                 adapters=None if bank is None else tuple(names))
-  ebatches = data_lib.eval_batches(eval_ex, cfg.train.batch_size, cfg.data.max_length, pid,
-                                   cfg.train.eval_batches, pad_rows=True,
-                                   adapter_index=adapter_index)
-  per_adapter = {}  # the latest per-adapter eval losses (data.adapter_field)
+  evaluator = Evaluator(
+      make_eval(model, place, loss_chunk_size=cfg.train.loss_chunk_size,
+                adapters=None if bank is None else tuple(names)),
+      data_lib.eval_batches(eval_ex, cfg.train.batch_size, cfg.data.max_length, pid,
+                            cfg.train.eval_batches, pad_rows=True, adapter_index=adapter_index),
+      bank=bank is not None)
+  run = Run(
+      cfg=cfg, out=out, model=model, params=params, tokenizer=tok, train_examples=train_ex,
+      eval_examples=eval_ex, names=names, bank=bank, summary=jaxlora.summary(single),
+      frozen=frozen, lr_schedule=lr_schedule,
+      step_fn=make_train_step(model, tx, cfg.lora.dropout, (t_sh, o_sh, f_sh, b_sh, rep),
+                              loss_chunk_size=cfg.train.loss_chunk_size,
+                              capacity=None if bank is None else len(names)),
+      place=place, rows=rows,
+      batcher=data_lib.Batcher(train_ex, cfg.train.batch_size, cfg.data.max_length,
+                               cfg.data.seed, pid, packing=cfg.data.packing,
+                               adapter_index=adapter_index),
+      evaluator=evaluator,
+      ckpt=jaxlora.CheckpointManager(run_path(out, "checkpoints"),
+                                     max_to_keep=cfg.train.keep_checkpoints,
+                                     save_interval_steps=cfg.train.save_every),
+      metrics=reporting.Metrics(out) if main_process else reporting.NullMetrics())
+  state = TrainState(0, trainable, opt_state, jax.random.key(cfg.train.seed + 1))
+  if resume and run.ckpt.latest_step() is not None:
+    state = restore(run, state)
+    log(f"resuming {out} from step {state.step}")
+  return run, state
 
-  def eval_fn(trainable, frozen, batches):
-    """The eval loss; with a bank, the mean of the adapters' own eval losses."""
-    loss = ev(trainable, frozen, batches)
-    if bank is None:
-      return loss
-    per_adapter.clear()
-    per_adapter.update(loss)
-    return float(np.mean(list(loss.values()))) if loss else None
 
-  def eval_record(step, loss):
-    return {"step": step, "eval_loss": loss,
-            **{f"eval_loss/{n}": v for n, v in per_adapter.items()}}
-
-  eval_before, adapter_eval_before = None, None
-  if ebatches and start == 0:
-    eval_before = eval_fn(trainable, frozen, ebatches)
-    adapter_eval_before = dict(per_adapter) or None
-    metrics.write(eval_record(0, eval_before))
-  log(f"training {n_trainable:,} of {summary.total - summary.trainable + n_trainable:,} "
-      f"parameters ({100 * summary.trainable_fraction:.3f}% per adapter"
-      f"{'' if bank is None else f', {len(names)} adapters: ' + ', '.join(names)}) on "
-      f"{len(train_ex)} examples; run dir {out}")
-
-  bar = reporting.Progress(cfg.train.steps, start, enabled=progress)
-  t0, tokens, last_loss, last_good = time.time(), 0.0, None, ckpt.latest_step()
-  t_rate, tok_rate = None, 0.0  # throughput counts from the end of the first (compiling) step
+def restore(run: Run, state: TrainState) -> TrainState:
+  """The state of the latest checkpoint (onto `state`'s shardings); rewinds data and metrics."""
   try:
-    for step in range(start, cfg.train.steps):
-      batch = place(batcher.next(cfg.train.grad_accum, rows=rows), local=True)
-      rng, sub = jax.random.split(rng)
-      new_t, new_o, m = step_fn(trainable, opt_state, frozen, batch, sub)
-      loss = float(m["loss"])
-      if not math.isfinite(loss):
-        ckpt.wait()
-        kept = ckpt.latest_step()
-        raise TrainingDiverged(
-            f"loss became {loss} at step {step + 1}; stopped. The last good checkpoint "
-            f"({'step ' + str(kept) if kept is not None else 'none yet'}) is kept in "
-            f"{run_path(out, 'checkpoints')}. Lower train.lr or raise train.warmup_steps.")
-      trainable, opt_state, last_loss = new_t, new_o, loss
-      tokens += float(m["tokens"])
-      done = step + 1
-      now = time.time()
-      elapsed = now - t0
-      if t_rate is None:
-        t_rate, tok_rate = now, tokens
-      rate = (tokens - tok_rate) / (now - t_rate) if now > t_rate else 0.0
-      bar.update(done, loss, rate)
-      if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-        metrics.write({"step": done, "loss": loss, "grad_norm": float(m["grad_norm"]),
-                       "lr": float(lr_schedule(done - 1)), "tokens_per_s": rate,
-                       "elapsed_s": elapsed})
-      if ebatches and cfg.train.eval_every and done % cfg.train.eval_every == 0 \
-          and done != cfg.train.steps:
-        metrics.write(eval_record(done, eval_fn(trainable, frozen, ebatches)))
-      if ckpt.save(done, trainable=trainable, opt_state=opt_state, rng=rng,
-                   data_state=batcher.state, force=done == cfg.train.steps):
-        last_good = done
-  finally:
-    bar.close()
-    ckpt.close()
+    saved = run.ckpt.restore(trainable=state.trainable, opt_state=state.opt_state)
+  except ValueError as e:
+    raise ConfigError(f"the checkpoint in {run_path(run.out, 'checkpoints')} does not match "
+                      f"this run's adapter/optimizer settings ({str(e).splitlines()[0]})") \
+        from None
+  run.batcher.state = saved["data_state"]
+  run.metrics.truncate(saved["step"])
+  return TrainState(saved["step"], saved["trainable"], saved["opt_state"], saved["rng"])
 
-  tuned = jaxlora.combine(trainable, frozen)
-  eval_after = eval_fn(trainable, frozen, ebatches) if ebatches else None
-  if eval_after is not None:
-    metrics.write(eval_record(cfg.train.steps, eval_after))
-  # Both saves are collective: every process writes its shards (or joins the gather), process 0
-  # writes the files.
+
+def train_step(run: Run, state: TrainState) -> tuple[TrainState, dict[str, float]]:
+  """One optimizer step on the next batch: the new state and its loss, tokens and grad norm.
+
+  Raises:
+    TrainingDiverged: the loss is NaN or infinite; `state` is not advanced and no
+      checkpoint of it is written (pending saves finish first).
+  """
+  cfg = run.cfg
+  batch = run.place(run.batcher.next(cfg.train.grad_accum, rows=run.rows), local=True)
+  rng, sub = jax.random.split(state.rng)
+  trainable, opt_state, m = run.step_fn(state.trainable, state.opt_state, run.frozen, batch, sub)
+  loss = float(m["loss"])
+  if not math.isfinite(loss):
+    run.ckpt.wait()
+    kept = run.ckpt.latest_step()
+    raise TrainingDiverged(
+        f"loss became {loss} at step {state.step + 1}; stopped. The last good checkpoint "
+        f"({'step ' + str(kept) if kept is not None else 'none yet'}) is kept in "
+        f"{run_path(run.out, 'checkpoints')}. Lower train.lr or raise train.warmup_steps.")
+  return (TrainState(state.step + 1, trainable, opt_state, rng),
+          {"loss": loss, "tokens": float(m["tokens"]), "grad_norm": float(m["grad_norm"])})
+
+
+def save_checkpoint(run: Run, state: TrainState, *, force: bool = False) -> bool:
+  """Starts saving `state` if its step is on train.save_every (or `force`); returns whether."""
+  return run.ckpt.save(state.step, trainable=state.trainable, opt_state=state.opt_state,
+                       rng=state.rng, data_state=run.batcher.state, force=force)
+
+
+def export(run: Run, trainable) -> str:
+  """Writes the final adapter(s), Orbax and PEFT; returns the Orbax directory.
+
+  Collective: every process writes its shards (or joins the gather), process 0
+  writes the files.
+  """
+  cfg, out = run.cfg, run.out
+  tuned = jaxlora.combine(trainable, run.frozen)
   meta = {"config": cfg.to_dict(), "step": cfg.train.steps}
   base_path = os.path.abspath(cfg.model.path)
-  if bank is None:
+  if run.bank is None:
     adapter_dir = run_path(out, "adapter")
     jaxlora.save(adapter_dir, tuned, metadata=meta)
-    jaxlora.peft.save(run_path(out, "adapter_peft"), tuned, model=model,
+    jaxlora.peft.save(run_path(out, "adapter_peft"), tuned, model=run.model,
                       base_model_name_or_path=base_path)
-  else:  # one ordinary adapter per name, loadable alone
-    adapter_dir = run_path(out, "adapters")
-    for name, single in jaxlora.unstack(dataclasses.replace(bank, tree=tuned)).items():
-      jaxlora.save(run_path(out, "adapters", name), single, metadata={**meta, "adapter": name})
-      jaxlora.peft.save(run_path(out, "adapters_peft", name), single, model=model,
-                        base_model_name_or_path=base_path)
-  if not main_process:
+    return adapter_dir
+  # One ordinary adapter per name, loadable alone.
+  for name, single in jaxlora.unstack(dataclasses.replace(run.bank, tree=tuned)).items():
+    jaxlora.save(run_path(out, "adapters", name), single, metadata={**meta, "adapter": name})
+    jaxlora.peft.save(run_path(out, "adapters_peft", name), single, model=run.model,
+                      base_model_name_or_path=base_path)
+  return run_path(out, "adapters")
+
+
+def _describe(run: Run) -> str:
+  """The line logged before training: what is trained on what, and where it is written."""
+  return (f"training {run.n_trainable:,} of {run.n_total:,} parameters "
+          f"({100 * run.summary.trainable_fraction:.3f}% per adapter"
+          f"{'' if run.bank is None else f', {len(run.names)} adapters: ' + ', '.join(run.names)}"
+          f") on {len(run.train_examples)} examples; run dir {run.out}")
+
+
+def _preempted(run: Run, state: TrainState, stops: preemption.StopSignals) -> \
+    preemption.TrainingPreempted:
+  name = stops.signal_name or "a signal to another process"
+  return preemption.TrainingPreempted(
+      f"stopped on {name} after step {state.step} of {run.cfg.train.steps}; checkpoint of step "
+      f"{state.step} written to {run_path(run.out, 'checkpoints')}. Rerun the same command to "
+      f"resume (exit status {preemption.EXIT_CODE}).",
+      step=state.step, signal_name=stops.signal_name or "")
+
+
+def _train(cfg: Config, mesh, resume: bool, log, progress: bool,
+           stops: preemption.StopSignals | None = None) -> dict:
+  run, state = setup(cfg, mesh, resume, log)
+  evaluator = run.evaluator
+  eval_before, adapter_eval_before = None, None
+  if evaluator and state.step == 0:
+    eval_before = evaluator(state.trainable, run.frozen)
+    adapter_eval_before = dict(evaluator.per_adapter) or None
+    run.metrics.write(evaluator.record(0, eval_before))
+  log(_describe(run))
+
+  bar = reporting.Progress(cfg.train.steps, state.step, enabled=progress,
+                           every=cfg.train.log_every)
+  t0, speed = time.time(), Throughput()
+  last_loss, last_good = None, run.ckpt.latest_step()
+  try:
+    while state.step < cfg.train.steps:
+      state, m = train_step(run, state)
+      done, last_loss = state.step, m["loss"]
+      now = time.time()
+      rate = speed.update(m["tokens"], now)
+      bar.update(done, last_loss, rate)
+      if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+        run.metrics.write({"step": done, "loss": last_loss, "grad_norm": m["grad_norm"],
+                           "lr": float(run.lr_schedule(done - 1)), "tokens_per_s": rate,
+                           "elapsed_s": now - t0})
+      if evaluator and cfg.train.eval_every and done % cfg.train.eval_every == 0 \
+          and done != cfg.train.steps:
+        run.metrics.write(evaluator.record(done, evaluator(state.trainable, run.frozen)))
+      stop = stops is not None and stops.requested()  # collective: every process, every step
+      if save_checkpoint(run, state, force=done == cfg.train.steps or stop):
+        last_good = done
+      if stop:
+        run.ckpt.wait()
+        error = _preempted(run, state, stops)
+        log(str(error))
+        raise error
+  finally:
+    bar.close()
+    run.ckpt.close()
+
+  eval_after = evaluator(state.trainable, run.frozen) if evaluator else None
+  if eval_after is not None:
+    run.metrics.write(evaluator.record(cfg.train.steps, eval_after))
+  adapter_dir = export(run, state.trainable)
+  if jax.process_index() != 0:
     return {}
   result = {
       "steps": cfg.train.steps, "final_loss": last_loss, "eval_loss_before": eval_before,
-      "eval_loss_after": eval_after, "trainable_params": n_trainable,
-      "total_params": summary.total - summary.trainable + n_trainable,
-      "train_examples": len(train_ex),
+      "eval_loss_after": eval_after, "trainable_params": run.n_trainable,
+      "total_params": run.n_total, "train_examples": len(run.train_examples),
       "adapter_bytes": reporting.du(adapter_dir),
-      "base_bytes": sum(x.nbytes for x in jax.tree.leaves(params)),
+      "base_bytes": sum(x.nbytes for x in jax.tree.leaves(run.params)),
       "wall_s": time.time() - t0, "last_checkpoint": last_good,
   }
-  if bank is not None:
-    result.update({"adapters": list(names), "adapter_eval_loss_before": adapter_eval_before,
-                   "adapter_eval_loss_after": dict(per_adapter) if eval_after is not None
-                   else None})
-  epath.Path(out, "result.json").write_text(json.dumps(result, indent=2))
-  reporting.plot(out)
-  reporting.write_report(out, cfg, result)
+  if run.bank is not None:
+    result.update({"adapters": list(run.names), "adapter_eval_loss_before": adapter_eval_before,
+                   "adapter_eval_loss_after": dict(evaluator.per_adapter)
+                   if eval_after is not None else None})
+  epath.Path(run.out, "result.json").write_text(json.dumps(result, indent=2))
+  reporting.plot(run.out)
+  reporting.write_report(run.out, cfg, result)
   return result
 
 
@@ -630,8 +812,32 @@ def _bank_shardings(bank_tree, single_shardings, replicated):
   return jax.tree_util.tree_map_with_path(pick, bank_tree)
 
 
-def load_run(run_dir: str):
-  """Model, tokenizer and wrapped tree of a finished (or checkpointed) run."""
+@dataclasses.dataclass(frozen=True)
+class RunArtifacts:
+  """What `load_run` reads back from a finished run directory.
+
+  Attributes:
+    cfg: the run's config (its config.yaml).
+    model: the model (`jaxlora.models.from_pretrained` of ``cfg.model.path``).
+    tokenizer: the base checkpoint's tokenizer.
+    params: the base parameters.
+    tree: `params` wrapped with the run's final adapter (adapter/).
+  """
+  cfg: Config
+  model: Any
+  tokenizer: Any
+  params: Any
+  tree: Any
+
+  def __iter__(self):
+    """The old 5-tuple ``(cfg, model, tokenizer, params, tree)``; deprecated."""
+    warnings.warn("unpacking load_run()'s result is deprecated; use its fields (.cfg, .model, "
+                  ".tokenizer, .params, .tree)", DeprecationWarning, stacklevel=2)
+    return iter((self.cfg, self.model, self.tokenizer, self.params, self.tree))
+
+
+def load_run(run_dir: str) -> RunArtifacts:
+  """Config, model, tokenizer, base params and wrapped tree of a finished run."""
   cfg_path = run_path(run_dir, "config.yaml")
   if not epath.Path(cfg_path).is_file():
     raise ConfigError(f"{run_dir} is not a jaxlora run directory (no config.yaml)")
@@ -651,7 +857,7 @@ def load_run(run_dir: str):
     tree = jaxlora.load(adapter, params)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(str(e)) from None
-  return cfg, model, tok, params, tree
+  return RunArtifacts(cfg, model, tok, params, tree)
 
 
 def copy_tokenizer(src: str, dst: str) -> None:

@@ -432,6 +432,36 @@ def test_babysit_stops_on_a_failure_of_a_healthy_slice(fake):
   assert "training failed with exit status 2 on a healthy slice" in r.stderr.splitlines()[-1]
 
 
+def test_babysit_resumes_after_a_training_stopped_by_a_signal(fake):
+  # Exit status 75: `jaxlora train` got SIGTERM (a preemption notice), checkpointed the step in
+  # flight and stopped. Not a failure, even on a healthy slice without --retry-errors: rerun.
+  fake.script(["ACTIVE"], train=[75, 0])
+  r = run("babysit.sh", *BABYSIT, *GIT, "--skip-setup", "--poll-interval", "0", env=fake.env)
+  assert r.returncode == 0, r.stderr
+  assert fake.kinds() == ["describe", "kill", "train", "describe", "kill", "train"]
+  assert "training stopped on a signal after checkpointing (status 75); rerun to resume" \
+      in r.stderr
+  assert "restart 1 of at most 10" in r.stderr and "training finished (restarts: 1)" in r.stderr
+
+
+def test_babysit_recreates_a_slice_preempted_after_the_training_stopped(fake):
+  fake.script(["ACTIVE", "SUSPENDED", "NOT_FOUND", "ACTIVE"], train=[75, 0])
+  r = run("babysit.sh", *BABYSIT, *GIT, "--skip-setup", "--poll-interval", "0", env=fake.env)
+  assert r.returncode == 0, r.stderr
+  assert fake.kinds() == ["describe", "kill", "train",
+                          "describe", "delete", "describe", "create", "describe", "setup",
+                          "kill", "train"]
+
+
+def test_babysit_counts_signal_stops_as_restarts(fake):
+  fake.script(["ACTIVE"], train=[75])
+  r = run("babysit.sh", *BABYSIT, *GIT, "--skip-setup", "--max-restarts", "2",
+          "--poll-interval", "0", env=fake.env)
+  assert r.returncode == 1
+  assert fake.kinds().count("train") == 3
+  assert "giving up after 2 restarts (training stopped on a signal" in r.stderr.splitlines()[-1]
+
+
 def test_babysit_gives_up_after_max_restarts(fake):
   fake.script(["ACTIVE"], train=[1])
   r = run("babysit.sh", *BABYSIT, *GIT, "--retry-errors", "--max-restarts", "1",

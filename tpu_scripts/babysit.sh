@@ -7,6 +7,10 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=common.sh
 source "$SCRIPT_DIR/common.sh"
 
+# `jaxlora train`'s exit status after SIGTERM/SIGINT: it finished the step in flight and wrote a
+# checkpoint (EX_TEMPFAIL); rerunning the same command resumes from it.
+EXIT_RESUME=75
+
 usage() {
   cat <<EOF
 Usage: $PROG --name NAME --zone ZONE --accelerator-type TYPE --config CONFIG
@@ -18,10 +22,12 @@ Loops until the training run finishes:
      while it is queued or provisioning;
   2. installs the project (setup.sh) on a slice it (re)created, and once at the start
      unless --skip-setup;
-  3. runs the training (run.sh). Exit status 0: done, exit 0. Otherwise it checks the
-     slice: when it is no longer ACTIVE (preempted) it restarts from step 1, and the
-     training resumes from the latest checkpoint in gs://BUCKET/RUN. A failure on a
-     healthy slice stops it with the training's exit status, unless --retry-errors.
+  3. runs the training (run.sh). Exit status 0: done, exit 0. Exit status $EXIT_RESUME: the
+     training stopped on SIGTERM/SIGINT (a preemption notice) after checkpointing, so it
+     restarts from step 1 and the training resumes. Otherwise it checks the slice: when it
+     is no longer ACTIVE (preempted) it restarts from step 1, and the training resumes from
+     the latest checkpoint in gs://BUCKET/RUN. A failure on a healthy slice stops it with
+     the training's exit status, unless --retry-errors.
 At most --max-restarts restarts. The slice is left running at the end (teardown.sh).
 
 Options:
@@ -130,7 +136,8 @@ if ((DRY_RUN)); then
   log "(dry run) every attempt:"
   train --dry-run
   log "(dry run) after a failure the state is checked again; a preempted slice is recreated" \
-    "and the run resumes (at most $MAX_RESTARTS restarts, polls every ${POLL_INTERVAL}s)"
+    "and the run resumes; exit status $EXIT_RESUME (stopped on a signal after checkpointing)" \
+    "resumes too (at most $MAX_RESTARTS restarts, polls every ${POLL_INTERVAL}s)"
   exit 0
 fi
 
@@ -203,8 +210,11 @@ while true; do
       if ((rc == 0)); then
         log "training finished (restarts: $restarts)"
         exit 0
+      elif ((rc == EXIT_RESUME)); then  # not a failure: checkpointed on a signal, to resume
+        REASON="training stopped on a signal after checkpointing (exit status $rc)"
+      else
+        after_failure training "$rc"
       fi
-      after_failure training "$rc"
     fi
   else
     REASON="$NAME did not become ACTIVE"

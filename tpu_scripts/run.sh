@@ -16,8 +16,9 @@ process with /dev/vfio or /dev/accel* open, the libtpu lock file), then runs on 
 workers at once (--worker=all), in ~/$REMOTE_DIR (see setup.sh):
   jaxlora train --config CONFIG output_dir=gs://BUCKET/RUN distributed.initialize=true [overrides]
 Each worker appends its output to ~/$REMOTE_LOG_DIR/RUN-<hostname>.log; the output of all
-workers also streams here. The exit status is that of the training command. Running the same
-command again resumes from the latest checkpoint in gs://BUCKET/RUN.
+workers also streams here. The exit status is that of the training command (75: it stopped
+on SIGTERM/SIGINT, e.g. a preemption notice, after checkpointing the step in flight). Running
+the same command again resumes from the latest checkpoint in gs://BUCKET/RUN.
 
 Options:
 $COMMON_HELP
@@ -115,7 +116,9 @@ if [[ -n $FETCH_LOGS ]]; then
   run_cmd gcloud compute tpus tpu-vm scp "$NAME:$REMOTE_LOG_DIR/$RUN_NAME-*.log" "$FETCH_LOGS/" \
     "${SCOPE[@]}" --worker=all || log "warning: could not copy the logs back"
 fi
-if ((rc != 0)); then
+if ((rc == 75)); then  # jaxlora train's status after SIGTERM/SIGINT (see babysit.sh)
+  log "training stopped on a signal after checkpointing (status 75); rerun to resume"
+elif ((rc != 0)); then
   log "training exited with status $rc"
 fi
 exit "$rc"

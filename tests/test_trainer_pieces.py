@@ -23,12 +23,6 @@ def _cfg(model_dir, data_dir, out, *extra):
   return config_lib.load(None, cli_args(model_dir, data_dir / "pc.jsonl", out, *extra)[2:])
 
 
-def _setup(cfg, resume=False, log=print):
-  mesh = trainer.make_mesh(cfg)
-  with jax.set_mesh(mesh):
-    return trainer.setup(cfg, mesh, resume, log)
-
-
 def _bits(tree):
   return [np.atleast_1d(np.asarray(x)).view(np.uint8) for x in jax.tree.leaves(tree)]
 
@@ -38,12 +32,39 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(x, y)
 
 
-def test_setup_then_steps_are_deterministic(model_dir, data_dir, tmp_path):
-  cfg = _cfg(model_dir, data_dir, tmp_path / "r", "train.steps=3")
-  run, state = _setup(cfg)
+@pytest.fixture(scope="module")
+def base(model_dir, data_dir, tmp_path_factory):
+  """One run set up (step 0), shared: compiling its step is what costs."""
+  out = tmp_path_factory.mktemp("pieces") / "run"
+  cfg = _cfg(model_dir, data_dir, out, "train.steps=3", "train.save_every=100",
+             "data.eval_fraction=0.1")
+  mesh = trainer.make_mesh(cfg)
+  logs = []
+  with jax.set_mesh(mesh):
+    run, state = trainer.setup(cfg, mesh, resume=False, log=logs.append)
+  assert not logs  # nothing to resume
+  yield run, state, run.batcher.state
+  run.ckpt.close()
+
+
+@pytest.fixture
+def pieces(base):
+  """The shared run and its step-0 state, with the data position rewound."""
+  run, state, position = base
+  run.batcher.state = position
+  return run, state
+
+
+def test_setup(pieces):
+  run, state = pieces
   assert state.step == 0 and run.bank is None and run.names is None
-  assert (tmp_path / "r" / "config.yaml").is_file()
+  assert os.path.isfile(os.path.join(run.out, "config.yaml"))
   assert 0 < run.n_trainable < run.n_total
+  assert run.evaluator and len(run.train_examples) == 108 and len(run.eval_examples) == 12
+
+
+def test_steps_are_deterministic(pieces):
+  run, state = pieces
   positions = [run.batcher.state]
   for expected in (1, 2):
     state, m = trainer.train_step(run, state)
@@ -59,50 +80,39 @@ def test_setup_then_steps_are_deterministic(model_dir, data_dir, tmp_path):
   _assert_same(again.trainable, state.trainable)
   _assert_same(again.opt_state, state.opt_state)
   _assert_same(jax.random.key_data(again.rng), jax.random.key_data(state.rng))
-  run.ckpt.close()
 
 
-def test_checkpoint_restore_then_step_matches(model_dir, data_dir, tmp_path):
-  out = tmp_path / "r"
-  cfg = _cfg(model_dir, data_dir, out, "train.steps=4", "train.save_every=100")
-  run, state = _setup(cfg)
-  state, _ = trainer.train_step(run, state)
+def test_checkpoint_restore_then_step_matches(pieces):
+  run, start = pieces
+  state, _ = trainer.train_step(run, start)
   assert trainer.save_checkpoint(run, state, force=True)  # step 1 is not on train.save_every
   run.metrics.write({"step": 1, "loss": 1.0})
   run.metrics.write({"step": 2, "loss": 1.0})  # a record past the checkpoint: dropped on resume
   run.ckpt.wait()
   after, _ = trainer.train_step(run, state)
-  run.ckpt.close()
 
-  logs = []
-  run2, resumed = _setup(cfg, resume=True, log=logs.append)
-  assert resumed.step == 1 and logs == [f"resuming {out} from step 1"]
+  resumed = trainer.restore(run, start)  # onto the shardings of a fresh state
+  assert resumed.step == 1
   _assert_same(resumed.trainable, state.trainable)
   _assert_same(resumed.opt_state, state.opt_state)
-  assert [r["step"] for r in reporting.read(out / "metrics.jsonl")] == [1]
-  again, _ = trainer.train_step(run2, resumed)  # the data position was restored too
+  assert [r["step"] for r in reporting.read(os.path.join(run.out, "metrics.jsonl"))] == [1]
+  again, _ = trainer.train_step(run, resumed)  # the data position was restored too
   _assert_same(again.trainable, after.trainable)
-  run2.ckpt.close()
 
 
-def test_a_nan_loss_raises_and_leaves_the_state(model_dir, data_dir, tmp_path):
-  cfg = _cfg(model_dir, data_dir, tmp_path / "r", "train.steps=2")
-  run, state = _setup(cfg)
+def test_a_nan_loss_raises_and_leaves_the_state(pieces):
+  run, state = pieces
   nan_step = lambda t, o, f, b, k: (t, o, {"loss": jnp.nan, "tokens": 1.0, "grad_norm": 0.0})
-  with pytest.raises(trainer.TrainingDiverged, match=r"loss became nan at step 1.*none yet"):
+  with pytest.raises(trainer.TrainingDiverged, match=r"loss became nan at step 1"):
     trainer.train_step(dataclasses.replace(run, step_fn=nan_step), state)
   assert state.step == 0
-  run.ckpt.close()
 
 
-def test_evaluator_and_its_records(model_dir, data_dir, tmp_path):
-  cfg = _cfg(model_dir, data_dir, tmp_path / "r", "train.steps=2", "data.eval_fraction=0.1")
-  run, state = _setup(cfg)
-  assert run.evaluator
+def test_evaluator_and_its_records(pieces):
+  run, state = pieces
   loss = run.evaluator(state.trainable, run.frozen)
   assert 0 < loss < 20
   assert run.evaluator.record(0, loss) == {"step": 0, "eval_loss": loss}
-  run.ckpt.close()
 
   # A bank's loss is the mean over its adapters'; the record names each.
   bank = trainer.Evaluator(lambda t, f, b: {"a": 1.0, "b": 3.0}, batches=[{}], bank=True)
@@ -112,23 +122,28 @@ def test_evaluator_and_its_records(model_dir, data_dir, tmp_path):
   assert not trainer.Evaluator(None, batches=[])
 
 
-def test_export_and_load_run(model_dir, data_dir, tmp_path):
-  out = tmp_path / "r"
-  cfg = _cfg(model_dir, data_dir, out, "train.steps=1")
-  run, state = _setup(cfg)
-  state, _ = trainer.train_step(run, state)
-  run.ckpt.close()
-  assert trainer.export(run, state.trainable) == str(out / "adapter")
-  assert (out / "adapter_peft" / "adapter_config.json").is_file()
+def test_throughput_leaves_out_the_first_step():
+  speed = trainer.Throughput()
+  assert speed.update(500.0, now=30.0) == 0.0  # compiling
+  assert speed.update(100.0, now=31.0) == 100.0
+  assert speed.update(300.0, now=33.0) == 400.0 / 3
+  assert speed.tokens == 900.0
 
-  loaded = trainer.load_run(str(out))
+
+def test_export_and_load_run(pieces):
+  run, state = pieces
+  state, _ = trainer.train_step(run, state)
+  assert trainer.export(run, state.trainable) == os.path.join(run.out, "adapter")
+  assert os.path.isfile(os.path.join(run.out, "adapter_peft", "adapter_config.json"))
+
+  loaded = trainer.load_run(run.out)
   assert isinstance(loaded, trainer.RunArtifacts)
-  assert loaded.cfg.train.steps == 1 and loaded.tokenizer is not None
+  assert loaded.cfg.train.steps == 3 and loaded.tokenizer is not None
   _assert_same(jaxlora.adapter(loaded.tree),
                jaxlora.adapter(jaxlora.combine(state.trainable, run.frozen)))
   with pytest.warns(DeprecationWarning, match="unpacking load_run"):
-    cfg2, model, tok, params, tree = loaded  # the old 5-tuple, for one release
-  assert cfg2 is loaded.cfg and tree is loaded.tree and params is loaded.params
+    cfg, model, tok, params, tree = loaded  # the old 5-tuple, for one release
+  assert cfg is loaded.cfg and tree is loaded.tree and params is loaded.params
 
 
 # --- progress on a terminal and elsewhere ----------------------------------------------------

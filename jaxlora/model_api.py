@@ -59,6 +59,10 @@ class AbstractModel(Protocol):
   left boxed (``nn.LogicallyPartitioned`` from ``nn.with_logical_partitioning``):
   sharding rules map those names to mesh axes. A param without names is
   replicated.
+
+  >>> import jax.numpy as jnp, flax.linen as nn, jaxlora
+  >>> isinstance(jaxlora.model_api.LinenModel(nn.Dense(2), (jnp.ones((1, 3)),)), AbstractModel)
+  True
   """
 
   def abstract_variables(self) -> Mapping[str, Any]:
@@ -73,6 +77,10 @@ class LayoutProvider(Protocol):
   (with or without ``{'params': ...}``; arrays or ShapeDtypeStructs), usually
   by calling `jaxlora.trace_layout` on example inputs. This is what
   ``jaxlora.wrap(params, layout=model)`` calls.
+
+  >>> import jax.numpy as jnp, flax.linen as nn, jaxlora
+  >>> isinstance(jaxlora.model_api.LinenModel(nn.Dense(2), (jnp.ones((1, 3)),)), LayoutProvider)
+  True
   """
 
   def lora_layout(self, params: Any) -> layout_lib.Layout:
@@ -90,6 +98,11 @@ class ActivationPlanner(Protocol):
   ``loss_chunk_size``, ``adapter_bytes`` (per device), and any model-specific
   options the caller gave (`jaxlora.models.Decoder` takes ``remat`` and
   ``attention``).
+
+  >>> import jax.numpy as jnp, flax.linen as nn, jaxlora
+  >>> isinstance(jaxlora.model_api.LinenModel(nn.Dense(2), (jnp.ones((1, 3)),)),
+  ...            ActivationPlanner)
+  False
   """
 
   def activation_bytes(self, mesh: Any, **kwargs: Any) -> dict[str, int]:
@@ -104,9 +117,23 @@ class HubNames(Protocol):
   flax module path (``layer``: the index into a stacked module, else None);
   ``flax_module_path(name)`` is its inverse. ``fan_in_fan_out`` is PEFT's flag
   for PyTorch weights stored ``(in, out)`` (GPT-2's Conv1D).
+
+  >>> import jaxlora
+  >>> cfg = jaxlora.models.ModelConfig(
+  ...     model_type="gpt2", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+  ...     num_attention_heads=4, num_key_value_heads=4, head_dim=4,
+  ...     intermediate_size=64, max_position_embeddings=64, norm_eps=1e-5,
+  ...     tie_word_embeddings=True)
+  >>> model = jaxlora.models.Decoder(cfg)
+  >>> isinstance(model, HubNames), model.fan_in_fan_out
+  (True, True)
+  >>> model.hf_module_name(("h", "attn", "c_attn"), 0)
+  'transformer.h.0.attn.c_attn'
   """
 
-  fan_in_fan_out: bool
+  @property
+  def fan_in_fan_out(self) -> bool:
+    ...
 
   def hf_module_name(self, module_path: tuple[str, ...], layer: int | None) -> str:
     ...
@@ -125,11 +152,29 @@ class CachedLM(Protocol):
   are the defaults of `generate` (None if the model has none);
   ``max_positions`` is the longest sequence the model can encode, or None if
   unbounded (rotary positions).
+
+  >>> import jaxlora
+  >>> cfg = jaxlora.models.ModelConfig(
+  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
+  ...     tie_word_embeddings=False, eos_token_id=2)
+  >>> model = jaxlora.models.Decoder(cfg)
+  >>> isinstance(model, CachedLM), model.eos_token_id, model.max_positions
+  (True, 2, None)
   """
 
-  eos_token_id: int | tuple[int, ...] | None
-  pad_token_id: int | None
-  max_positions: int | None
+  @property
+  def eos_token_id(self) -> int | tuple[int, ...] | None:
+    ...
+
+  @property
+  def pad_token_id(self) -> int | None:
+    ...
+
+  @property
+  def max_positions(self) -> int | None:
+    ...
 
   def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
     ...
@@ -139,7 +184,7 @@ class CachedLM(Protocol):
 
 
 # How to give a model each capability, for error messages.
-_HOW = {
+_HOW: dict[type, tuple[str, str]] = {
     AbstractModel: ("abstract_variables", "add a method `abstract_variables()` returning "
                     "jax.eval_shape(lambda: model.init(key, *example_inputs)), or wrap a linen "
                     "module as jaxlora.model_api.LinenModel(module, example_inputs)"),

@@ -283,6 +283,9 @@ def bank_set(bank: Bank, name: str, tree: PyTree) -> Bank:
     ns = jnp.ndim(bmod[SCALE_KEY]) - 1
     a, b, s = bmod[A_KEY], bmod[B_KEY], bmod[SCALE_KEY]
     m = mods.get(key)
+    na: np.ndarray | jax.Array  # host zeros, or the adapter's padded arrays
+    nb: np.ndarray | jax.Array
+    nsc: np.ndarray | jax.Array
     if m is None:  # not targeted by this adapter: zeros, scale 0
       na = np.zeros(a.shape[:ns] + a.shape[ns + 1:], a.dtype)
       nb = np.zeros(b.shape[:ns] + b.shape[ns + 1:], b.dtype)

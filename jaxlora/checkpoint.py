@@ -101,9 +101,9 @@ def save(path: str, tree: Any, *, metadata: dict | None = None) -> None:
     record = json.dumps(_record(tree, metadata), indent=2, sort_keys=True)
   except TypeError as e:
     raise InputTypeError(f"`metadata` must be JSON-serialisable: {e}") from None
-  path = _as_path(path)
+  target = _as_path(path)
   token = _multihost.shared_token()
-  tmp = path.parent / f".{path.name}.tmp-{token}"
+  tmp = target.parent / f".{target.name}.tmp-{token}"
   writer = _multihost.is_writer()
   if writer:
     tmp.mkdir(parents=True)
@@ -114,7 +114,7 @@ def save(path: str, tree: Any, *, metadata: dict | None = None) -> None:
       ckptr.wait_until_finished()
     if writer:
       (tmp / RECORD).write_text(record)  # written last: marks a complete checkpoint
-      _files.replace_dir(tmp, path, aside=path.parent / f".{path.name}.old-{token}")
+      _files.replace_dir(tmp, target, aside=target.parent / f".{target.name}.old-{token}")
   finally:
     if writer and tmp.exists():
       tmp.rmtree()

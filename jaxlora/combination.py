@@ -154,7 +154,7 @@ def merge_adapters(trees: Mapping[str, PyTree] | Sequence[PyTree], weights: Sequ
     factors = [{k: m[k] for k in _tree.ADAPTER_KEYS} for m in mods]
     a, b = _combine_layer(spec, layer, factors, jnp.asarray(ws, np.float32),
                           None if given is None else given[index],
-                          jax.random.fold_in(key, index) if draw else None)
+                          jax.random.fold_in(key, index) if draw and key is not None else None)
     out = dict(mods[0])
     out[A_KEY], out[B_KEY] = a, b
     out[SCALE_KEY] = jnp.ones(layer.stack, jnp.float32)
@@ -213,7 +213,8 @@ def _check_options(method, density, majority_sign_method, svd_rank, svd_clamp,
     if density is None:
       raise InputError(f"method={method!r} needs `density`, the fraction of entries kept "
                        "(0 < density <= 1), e.g. density=0.5.")
-    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
+    if (isinstance(density, bool) or not isinstance(density, numbers.Real)
+        or not 0 < float(density) <= 1):
       raise InputError(f"`density` must be a number in (0, 1], got {density!r}.")
   if majority_sign_method not in ("total", "frequency"):
     raise InputError("`majority_sign_method` must be 'total' or 'frequency', got "
@@ -222,7 +223,8 @@ def _check_options(method, density, majority_sign_method, svd_rank, svd_clamp,
                                or not isinstance(svd_rank, numbers.Integral) or svd_rank <= 0):
     raise InputError(f"`svd_rank` must be a positive integer, got {svd_rank!r}.")
   if svd_clamp is not None and (isinstance(svd_clamp, bool) or
-                                not isinstance(svd_clamp, numbers.Real) or not 0 <= svd_clamp <= 1):
+                                not isinstance(svd_clamp, numbers.Real)
+                                or not 0 <= float(svd_clamp) <= 1):
     raise InputError(f"`svd_clamp` is a quantile in [0, 1], got {svd_clamp!r}.")
   if method in _RANDOM:
     if key is None and masks is None:
@@ -277,9 +279,9 @@ def _matched_modules(names: list[str], params: list[Mapping], *,
           "missing layer too; zero B factors leave its function unchanged).")
   out = []
   for path_t in sorted(first):
-    mods = [m[path_t] for m in per_tree]
-    _check_layer(names, _tree.join(path_t), mods, same_rank=same_rank)
-    out.append((path_t, mods))
+    layer_mods = [m[path_t] for m in per_tree]
+    _check_layer(names, _tree.join(path_t), layer_mods, same_rank=same_rank)
+    out.append((path_t, layer_mods))
   return out
 
 
@@ -412,7 +414,7 @@ class _Layer:
     r = self.ranks[adapter]
     return [(A_KEY, self.shared + self.ins + (r,)), (B_KEY, self.shared + (r,) + self.outs)]
 
-  def flatten(self, mods: list[Mapping]) -> tuple[list, list, list]:
+  def flatten(self, mods: Sequence[Mapping]) -> tuple[list, list, list]:
     """A, B and the scale of each adapter as (groups, in, r), (groups, r, out), (groups,)."""
     n_batch = len(self.shared) - len(self.stack)
     a = [jnp.asarray(m[A_KEY], self.dtype).reshape(self.groups, self.n_in, -1) for m in mods]
@@ -437,11 +439,11 @@ class _Layer:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _combine_layer(spec: _Spec, layer: _Layer, mods: list[dict], ws: jax.Array,
+def _combine_layer(spec: _Spec, layer: _Layer, mods: Sequence[Mapping], weights: jax.Array,
                    masks: list | None, key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
   """The new (A, B) of one layer, in the tree's layouts and the first adapter's dtypes."""
   a, b, s = layer.flatten(mods)
-  ws = [ws[i].astype(layer.dtype) for i in range(len(mods))]
+  ws = [weights[i].astype(layer.dtype) for i in range(len(mods))]
   if masks is not None:
     masks = [layer.flatten_masks(spec.method, m) for m in masks]
   if spec.method == "cat":
@@ -450,6 +452,7 @@ def _combine_layer(spec: _Spec, layer: _Layer, mods: list[dict], ws: jax.Array,
     new_a, new_b = _svd(spec, layer, a, b, s, ws, masks, key)
   else:
     if spec.method in _RANDOM and masks is None:
+      assert key is not None and spec.density is not None  # `combine` checked both
       masks = [layer.flatten_masks(spec.method, m)
                for m in _draw_factor_masks(layer, key, spec.density)]
     new_a, new_b = _factors(spec.method, layer, a, b, s, ws, masks, spec.density,
@@ -457,12 +460,12 @@ def _combine_layer(spec: _Spec, layer: _Layer, mods: list[dict], ws: jax.Array,
   return new_a.astype(layer.out_dtypes[0]), new_b.astype(layer.out_dtypes[1])
 
 
-def _cat(layer: _Layer, a: list, b: list, s: list, ws: list[float]) -> tuple[jax.Array, jax.Array]:
-  a = jnp.concatenate([x * (w * sc)[:, None, None] for x, w, sc in zip(a, ws, s)], axis=-1)
-  return layer.a_out(a), layer.b_out(jnp.concatenate(b, axis=1))
+def _cat(layer: _Layer, a: list, b: list, s: list, ws: list) -> tuple[jax.Array, jax.Array]:
+  cat_a = jnp.concatenate([x * (w * sc)[:, None, None] for x, w, sc in zip(a, ws, s)], axis=-1)
+  return layer.a_out(cat_a), layer.b_out(jnp.concatenate(b, axis=1))
 
 
-def _factors(method: str, layer: _Layer, a: list, b: list, s: list, ws: list[float],
+def _factors(method: str, layer: _Layer, a: list, b: list, s: list, ws: list,
              masks: list | None, density, sign_method: str) -> tuple[jax.Array, jax.Array]:
   """The entry-wise methods on A and on B, with sqrt(|w*s|) split over the two factors."""
   ws_ = jnp.stack([w * sc for w, sc in zip(ws, s)])  # (n, groups)
@@ -484,6 +487,7 @@ def _svd(spec: _Spec, layer: _Layer, a: list, b: list, s: list, ws: list, masks:
   """
   weights = jnp.stack(ws)[:, None]  # (n, 1): one group at a time
   base = "linear" if spec.method == "svd" else spec.method[:-len("_svd")]
+  assert spec.new_rank is not None  # `combine` sets it for every SVD method
   r = min(spec.new_rank, layer.n_in, layer.n_out)
   n = len(a)
 
@@ -526,6 +530,7 @@ def _combine(method: str, x: jax.Array, w: jax.Array, density, sign_method: str,
   if method in ("ties", "magnitude_prune"):
     x = _magnitude_prune(x, density)
   elif method in ("dare_linear", "dare_ties") and density < 1:
+    assert masks is not None  # given, or drawn by `_combine_layer`
     keep = jnp.stack([jnp.asarray(m, x.dtype) for m in masks])
     x = x * keep / jnp.asarray(density, x.dtype)
   weighted = x * w.reshape(w.shape + (1,) * (x.ndim - 2)).astype(x.dtype)

@@ -285,7 +285,7 @@ def apply(apply_fn: Callable[..., Any], *, dropout: float = 0.0,
     raise InputError(f"`dropout` must be in [0, 1), got {dropout!r}.")
 
   @functools.wraps(apply_fn)
-  def lora_apply(*args, adapter_ids=None, **kwargs):
+  def lora_apply(*args: Any, adapter_ids: Any = None, **kwargs: Any) -> Any:
     reached: set[str] = set()
     if adapter_ids is not None:
       adapter_ids = jnp.asarray(adapter_ids)

@@ -6,7 +6,7 @@ Works with any model implementing `jaxlora.model_api.CachedLM` (`jaxlora.models.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +67,8 @@ def _generate(model, params, input_ids, mask, key, adapter_ids, *, max_new_token
 
 def generate(model: model_api.CachedLM, params: Any, input_ids: Any, *, attention_mask: Any = None,
              max_new_tokens: int = 20, temperature: float = 0.0, top_p: float = 1.0,
-             key: jax.Array | None = None, eos_token_id: int | tuple[int, ...] | None = "config",
+             key: jax.Array | None = None,
+             eos_token_id: int | tuple[int, ...] | Literal["config"] | None = "config",
              pad_token_id: int | None = None, adapter_ids: Any = None) -> jax.Array:
   """Generates tokens with a KV cache; jitted, batched, any padding side.
 

@@ -112,6 +112,8 @@ def local_roles(module: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any
     return DENSE_GENERAL, (IN,) * len(axis) + (OUT,) * len(feats)
   if isinstance(module, nn.Einsum):
     eq = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
+    if eq is None:  # flax's own call raises: the equation must be given somewhere
+      return None
     return EINSUM, einsum_roles(eq)
   return None
 

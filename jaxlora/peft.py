@@ -216,8 +216,8 @@ def load(path: str, base_params: Any, *, model: model_api.HubNames,
   if not os.path.isfile(cfg_path):
     raise NotFoundError(f"{cfg_path} not found: not a PEFT adapter directory.")
   try:
-    with open(cfg_path) as f:
-      pc = json.load(f)
+    with open(cfg_path) as cfg_file:
+      pc = json.load(cfg_file)
   except json.JSONDecodeError as e:
     raise InputError(f"{cfg_path} is not valid JSON ({e}).") from None
   if pc.get("peft_type", "LORA") != "LORA":
@@ -233,7 +233,8 @@ def load(path: str, base_params: Any, *, model: model_api.HubNames,
     raise InputError("`base_params` already hold an adapter; pass the unwrapped base params.")
   weights = _read_weights(path)
   use_rslora = bool(pc.get("use_rslora", False))
-  factors: dict[tuple[str, ...], dict[int | None, dict[str, np.ndarray]]] = {}
+  # module path -> layer (None when not stacked) -> {"A": array, "B": array, "name": hf name}
+  factors: dict[tuple[str, ...], dict[int | None, dict[str, Any]]] = {}
   for key, value in weights.items():
     m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight", key)
     if m is None:
@@ -255,7 +256,7 @@ def load(path: str, base_params: Any, *, model: model_api.HubNames,
       raise InputError(f"{path}: module {_tree.join(module_path)!r} has no kernel.")
     kernel = node[KERNEL_KEY]
     stacked = None not in per_layer
-    n_layers = kernel.shape[0] if stacked else None
+    n_layers = kernel.shape[0] if stacked else 0
     in_dim, out_dim = kernel.shape[-2], kernel.shape[-1]
     for layer, f in per_layer.items():
       if "A" not in f or "B" not in f:
@@ -265,7 +266,7 @@ def load(path: str, base_params: Any, *, model: model_api.HubNames,
         raise InputError(
             f"{path}: {f['name']!r} has lora_A {f['A'].shape} and lora_B {f['B'].shape}; the "
             f"base kernel needs [r, {in_dim}] and [{out_dim}, r]. Is this adapter for this model?")
-      if stacked and not 0 <= layer < n_layers:
+      if stacked and layer is not None and not 0 <= layer < n_layers:
         raise InputError(f"{path}: {f['name']!r} names layer {layer}; the model has {n_layers}.")
     r_max = max(f["A"].shape[0] for f in per_layer.values())
     lead = (n_layers,) if stacked else ()

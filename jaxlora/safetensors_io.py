@@ -62,7 +62,7 @@ class SafetensorsFile:
       if end - begin != want or self._offset + end > size:
         raise InputError(f"{path}: tensor {name!r} is truncated or its header is corrupt "
                          f"(bytes {begin}..{end}, shape {info['shape']}, file size {size}).")
-    self._map = None
+    self._map: np.memmap | None = None  # mapped on the first `get`
 
   def keys(self) -> list[str]:
     return list(self.header)
@@ -92,7 +92,7 @@ class SafetensorsFile:
     info = self.header[name]
     begin, end = info["data_offsets"]
     out = np.empty(end - begin, np.uint8)
-    view = memoryview(out)
+    view = out.data  # a writable memoryview of `out`
     with open(self.path, "rb", buffering=0) as f:
       f.seek(self._offset + begin)
       done = 0

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlora import _tree
 from jaxlora import kernel_layout as layout_lib
@@ -20,7 +20,8 @@ from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
 from jaxlora.errors import InputError
 
 
-def _spec_for(kernel_spec: tuple, roles: tuple[str, ...], which: str) -> PartitionSpec:
+def _spec_for(kernel_spec: PartitionSpec | tuple, roles: tuple[str, ...],
+              which: str) -> PartitionSpec:
   spec = tuple(kernel_spec) + (None,) * (len(roles) - len(kernel_spec))
   shared = [s for s, r in zip(spec, roles) if r in (layout_lib.STACK, layout_lib.BATCH)]
   if which == A_KEY:
@@ -62,7 +63,7 @@ def adapter_shardings(tree: Any) -> Any:
     scale_ndim = len(getattr(mod[SCALE_KEY], "shape", ()))
     roles = layout_lib.roles_from_shapes(_tree.join(path_t), kernel.shape, mod[A_KEY].shape,
                                          mod[B_KEY].shape, scale_ndim)
-    out = {}
+    out: dict[str, Any] = {}  # a NamedSharding each, or the kernel's own sharding
     for k in _tree.ADAPTER_KEYS:
       if isinstance(sharding, NamedSharding):
         out[k] = NamedSharding(sharding.mesh, _spec_for(sharding.spec, roles, k))
@@ -183,7 +184,8 @@ def make_mesh(*, data: int = 1, fsdp: int = -1, tensor: int = 1,
   return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
-def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+def _fit(spec: PartitionSpec, shape: tuple[int, ...],
+         mesh: Mesh | AbstractMesh) -> PartitionSpec:
   """Drops mesh axes from dims they do not divide (small or odd-sized dims stay whole)."""
   out = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):

@@ -65,9 +65,9 @@ class ModelConfig:
       return cfg[key]
 
     eos = cfg.get("eos_token_id")
-    common = dict(bos_token_id=cfg.get("bos_token_id"),
-                  eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-                  pad_token_id=cfg.get("pad_token_id"))
+    common: dict[str, Any] = dict(bos_token_id=cfg.get("bos_token_id"),
+                                  eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+                                  pad_token_id=cfg.get("pad_token_id"))
     if mt == "gpt2":
       act = cfg.get("activation_function", "gelu_new")
       if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):

@@ -37,7 +37,7 @@ REMAT_POLICIES = {
 }
 
 
-def _init(axes: tuple[str, ...], std: float = 0.02):
+def _init(axes: tuple[str | None, ...], std: float = 0.02):
   return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
 
 

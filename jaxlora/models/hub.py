@@ -294,7 +294,9 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
       raise InputError(f"{where} is not a valid bitsandbytes quant state ({detail}); the "
                        "checkpoint is corrupt: save it again with transformers' "
                        "save_pretrained.") from None
-    expect = _BNB4_STATES[_QUANT_STATE.match(key).group(2)]
+    kind = _QUANT_STATE.match(key)
+    assert kind is not None  # quant_states holds only keys that match
+    expect = _BNB4_STATES[kind.group(2)]
     if qt != expect:
       raise InputError(f"{where} says quant_type {qt!r} but its name says {expect!r}; the "
                        "checkpoint is corrupt.")
@@ -381,7 +383,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
     transpose = _transposed(cfg, path_t)
     if path_t[0] == scan:
       out: Any = None
-      recs = []
+      recs: list[Any] = []  # the layers' quantized records, when stored quantized
       for i in range(leaf.shape[0]):
         t = layer(path_t, _hf_name(cfg, path_t, i, prefix), leaf.shape[1:], transpose)
         if i and quantization.is_quantized(t) != bool(recs):

@@ -40,7 +40,7 @@ def make_mesh(cfg: Config):
   try:
     return jaxlora.sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp,
                                       tensor=cfg.mesh.tensor)
-  except ValueError as e:
+  except jaxlora.errors.JaxloraError as e:
     raise ConfigError(f"mesh: {e}") from None
 
 
@@ -58,7 +58,7 @@ def load_model(cfg: Config, mesh=None):
   try:
     # Fails here, before any weights are read, when this platform cannot run the choice.
     attention_lib.resolve(cfg.model.attention)
-  except ValueError as e:
+  except jaxlora.errors.JaxloraError as e:
     raise ConfigError(f"config key 'model.attention': {e}") from None
   try:
     # QLoRA (model.quantize): kernels are quantized tensor by tensor as they are read; a
@@ -70,7 +70,7 @@ def load_model(cfg: Config, mesh=None):
         (lambda m: jaxlora.sharding.param_shardings(m, mesh, rules(cfg))),
         quantize=cfg.model.quantize, block_size=cfg.model.quant_block_size,
         double_quant=cfg.model.double_quant, attention=cfg.model.attention)
-  except (FileNotFoundError, ValueError) as e:
+  except jaxlora.errors.JaxloraError as e:
     raise ConfigError(str(e)) from None
   return model, params
 
@@ -770,7 +770,7 @@ def wrap(cfg: Config, params, model, key):
                         exclude=_sel(lc.exclude), rank_pattern=lc.rank_pattern or None,
                         alpha_pattern=lc.alpha_pattern or None, use_rslora=lc.use_rslora,
                         init=lc.init, layout=model, key=key)
-  except (ValueError, TypeError) as e:
+  except jaxlora.errors.JaxloraError as e:
     raise ConfigError(f"lora: {e}") from None
 
 

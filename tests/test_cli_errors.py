@@ -49,6 +49,18 @@ def test_a_bug_inside_training_is_not_the_users_error(model_dir, data_dir, tmp_p
   assert "Traceback" in err and "ValueError: not the user's fault" in err and REPORT in err
 
 
+@pytest.mark.parametrize("target", ["jaxlora.wrap", "jaxlora.models.from_pretrained"])
+def test_a_bug_while_loading_or_wrapping_is_not_a_config_error(model_dir, data_dir, tmp_path,
+                                                               monkeypatch, capsys, target):
+  def broken(*args, **kwargs):
+    raise ValueError("an internal value")
+
+  monkeypatch.setattr(target, broken)
+  assert main(_args(model_dir, data_dir / "pc.jsonl", tmp_path / "r", "train.steps=1")) == 1
+  err = capsys.readouterr().err
+  assert "ValueError: an internal value" in err and REPORT in err
+
+
 def test_jaxlora_errors_and_machine_errors_are_one_line(monkeypatch, capsys, tmp_path):
   def bad_input(run_dir):
     raise jaxlora.errors.CheckpointError(f"{run_dir} holds no adapter; train one first")

@@ -12,6 +12,32 @@ sys.path.insert(0, os.path.dirname(__file__))
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent JAX compilation cache for the test session.
+
+  Many tests build the same small programs again (every CLI run traces a fresh
+  step function, subprocesses start cold); on CPU, loading a compiled program
+  from disk takes a fraction of compiling it. The cache lives in the session's
+  temporary directory, shared by xdist's workers and by the CLI subprocesses
+  (through the environment), and never outlives pytest's own temp retention.
+  """
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # each worker's basetemp is a folder of the session's
+  path = base / "jax-compilation-cache"
+  path.mkdir(exist_ok=True)
+  settings = {"jax_compilation_cache_dir": str(path),
+              # Small programs are what the tests compile: cache them all.
+              "jax_persistent_cache_min_compile_time_secs": 0,
+              "jax_persistent_cache_min_entry_size_bytes": -1}
+  with pytest.MonkeyPatch.context() as mp:
+    for k, v in settings.items():
+      jax.config.update(k, v)
+      mp.setenv(k.upper(), str(v))
+    yield path
+
+
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)
@@ -75,3 +101,19 @@ def cli_args(model_dir, data, out, *extra):
           "data.format=prompt_completion", "data.max_length=32", "train.batch_size=8",
           "train.save_every=4", "train.lr=3e-3", "lora.rank=4", "train.log_every=2",
           f"output_dir={out}", *extra]
+
+
+# The arguments of `trained_run`, for tests that rerun it (resume) or compare with it.
+TRAINED_RUN_ARGS = ("train.steps=6", "data.eval_fraction=0.2", "train.grad_accum=2")
+
+
+@pytest.fixture(scope="session")
+def trained_run(model_dir, data_dir, tmp_path_factory):
+  """One finished `jaxlora train` run, shared by the tests that only read a run (eval,
+  generate, export, merge, plot, swapping adapters): a training run costs more than all of
+  them. Held-out eval and gradient accumulation on, so that the run has every output.
+  Tests must not change it: copy it to resume or extend it."""
+  from jaxlora_cli.main import main
+  out = tmp_path_factory.mktemp("trained") / "run"
+  assert main(cli_args(model_dir, data_dir / "pc.jsonl", out, *TRAINED_RUN_ARGS)) == 0
+  return out

@@ -56,6 +56,7 @@ def test_each_row_equals_its_single_adapter_run(setup):
     np.testing.assert_allclose(np.asarray(got[i]), np.asarray(want[0]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_generate_decodes_a_mixed_batch(setup):
   model, params, trees, ids = setup
   bank = jaxlora.stack(trees)
@@ -84,6 +85,7 @@ def test_bank_set_swaps_without_recompiling(setup):
   np.testing.assert_allclose(np.asarray(out[2]), np.asarray(want_a[0]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_a_bank_gives_each_adapter_its_own_gradient(setup):
   model, params, trees, ids = setup
   bank = jaxlora.stack(trees)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,12 +17,10 @@ pytest.importorskip("datasets")
 import jaxlora  # noqa: E402
 from jaxlora_cli import config as config_lib  # noqa: E402
 from jaxlora_cli.main import main  # noqa: E402
-from conftest import cli_args as _args  # noqa: E402
+from conftest import TRAINED_RUN_ARGS, cli_args as _args  # noqa: E402
 
-def test_train_resume_export_generate_eval(model_dir, data_dir, tmp_path, capsys):
-  out = tmp_path / "run"
-  assert main(_args(model_dir, data_dir / "pc.jsonl", out, "train.steps=6",
-                    "data.eval_fraction=0.2", "train.grad_accum=2")) == 0
+def test_train_writes_every_output(trained_run):
+  out = trained_run
   result = json.loads((out / "result.json").read_text())
   assert result["eval_loss_after"] < result["eval_loss_before"]
   for name in ("config.yaml", "metrics.jsonl", "loss.png", "report.md", "adapter/jaxlora.json",
@@ -29,14 +28,27 @@ def test_train_resume_export_generate_eval(model_dir, data_dir, tmp_path, capsys
     assert (out / name).exists(), name
   assert any(f.startswith("events") for f in os.listdir(out / "tensorboard"))
   assert "trainable parameters" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_rerun_with_more_steps_resumes(model_dir, data_dir, trained_run, tmp_path, capsys):
+  out = tmp_path / "run"
+  shutil.copytree(trained_run, out)
+  config = out / "config.yaml"  # the copy is the same run in another place
+  config.write_text(config.read_text().replace(str(trained_run), str(out)))
+  capsys.readouterr()
+  extra = [a for a in TRAINED_RUN_ARGS if not a.startswith("train.steps=")]
   # Rerunning with more steps continues from the last checkpoint.
-  assert main(_args(model_dir, data_dir / "pc.jsonl", out, "train.steps=10",
-                    "data.eval_fraction=0.2", "train.grad_accum=2")) == 0
+  assert main(_args(model_dir, data_dir / "pc.jsonl", out, "train.steps=10", *extra)) == 0
   err = capsys.readouterr().err
   assert "resuming" in err and "from step 6" in err
   steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
            if "loss" in r]
   assert steps == [2, 4, 6, 8, 10]
+
+
+def test_export_matches_the_librarys_loaders(model_dir, trained_run, tmp_path):
+  out = trained_run
   # Export both ways and check the files against the library's own loaders.
   assert main(["export", str(out), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
   assert main(["export", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
@@ -50,6 +62,10 @@ def test_train_resume_export_generate_eval(model_dir, data_dir, tmp_path, capsys
   np.testing.assert_allclose(model.apply({"params": merged}, ids),
                              jaxlora.apply(model.apply)({"params": tree}, ids), atol=1e-5)
   assert os.path.exists(tmp_path / "hf" / "tokenizer.json")
+
+
+def test_generate_factored_and_merged_agree(trained_run, capsys):
+  out = trained_run
   capsys.readouterr()
   assert main(["generate", str(out), "--prompt", "reverse: fox ->", "--prompt", "reverse: abc ->",
                "--max-new-tokens", "4"]) == 0
@@ -59,16 +75,27 @@ def test_train_resume_export_generate_eval(model_dir, data_dir, tmp_path, capsys
                "--max-new-tokens", "4"]) == 0
   merged_line = json.loads(capsys.readouterr().out.splitlines()[0])
   assert merged_line["completion"] == lines[0]["completion"]
+
+
+def test_eval_and_plot(trained_run, tmp_path, capsys):
+  out = trained_run
+  capsys.readouterr()
   assert main(["eval", str(out)]) == 0
   ev = json.loads(capsys.readouterr().out)
   assert ev["eval_loss"] == pytest.approx(json.loads((out / "result.json").read_text())
                                           ["eval_loss_after"], rel=1e-4)
   assert ev["base_eval_loss"] > ev["eval_loss"]
-  assert main(["plot", str(out)]) == 0
+  copy = tmp_path / "run"  # plot rewrites loss.png: not in the shared run
+  shutil.copytree(out, copy)
+  (copy / "loss.png").unlink()
+  assert main(["plot", str(copy)]) == 0
+  assert (copy / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("fmt,file", [("text", "text.txt"), ("text", "text.csv"),
-                                      ("text", "text.parquet"), ("chat", "chat.jsonl")])
+# Plain text in the fast tier; the other readers and chat training in the full suite.
+@pytest.mark.parametrize("fmt,file", [
+    ("text", "text.txt"), *(pytest.param(*c, marks=pytest.mark.slow) for c in (
+        ("text", "text.csv"), ("text", "text.parquet"), ("chat", "chat.jsonl")))])
 def test_data_formats(model_dir, data_dir, tmp_path, fmt, file):
   args = _args(model_dir, data_dir / file, tmp_path / "r", "train.steps=2")
   args[args.index("data.format=prompt_completion")] = f"data.format={fmt}"
@@ -128,6 +155,7 @@ def test_bad_input_gives_one_line(model_dir, data_dir, tmp_path, capsys, overrid
   assert not os.path.exists(tmp_path / "r" / "adapter")
 
 
+@pytest.mark.slow
 def test_output_dir_of_another_run_is_not_touched(model_dir, data_dir, tmp_path, capsys):
   out = tmp_path / "run"
   assert main(_args(model_dir, data_dir / "pc.jsonl", out, "train.steps=2")) == 0
@@ -143,6 +171,7 @@ def test_output_dir_of_another_run_is_not_touched(model_dir, data_dir, tmp_path,
   assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_nan_stops_and_keeps_the_last_good_checkpoint(model_dir, data_dir, tmp_path, capsys):
   out = tmp_path / "run"
   assert main(_args(model_dir, data_dir / "pc.jsonl", out, "train.steps=4")) == 0
@@ -219,6 +248,7 @@ def test_every_config_key_is_documented(capsys):
   assert all(k in out for k in keys)
 
 
+@pytest.mark.slow
 def test_bf16_compute_dropout_and_periodic_eval(model_dir, data_dir, tmp_path):
   out = tmp_path / "r"
   assert main(_args(model_dir, data_dir / "pc.jsonl", out, "train.steps=4", "model.dtype=bfloat16",
@@ -230,6 +260,7 @@ def test_bf16_compute_dropout_and_periodic_eval(model_dir, data_dir, tmp_path):
   assert all(l["dtype"] == "float32" for l in rec["layers"].values())  # fp32 adapters, bf16 compute
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices, as in CI")
 def test_mesh_options_shard_the_run_and_agree(model_dir, data_dir, tmp_path):
   runs = {"fsdp8": ["mesh.fsdp=8"],

@@ -22,11 +22,9 @@ PROMPTS = ["reverse: fox ->", "reverse: abc ->"]
 
 
 @pytest.fixture(scope="module")
-def run(model_dir, data_dir, tmp_path_factory):
-  """One short single-adapter run, shared by the swapping tests."""
-  out = tmp_path_factory.mktemp("adapters") / "run"
-  assert main(cli_args(model_dir, data_dir / "pc.jsonl", out, "train.steps=4")) == 0
-  return out
+def run(trained_run):
+  """One short single-adapter run (conftest's, shared with test_cli), for the swapping tests."""
+  return trained_run
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +100,7 @@ def test_adapter_field_is_not_combined_with_packing():
     config_lib.load(None, ["data.adapter_field=task", "data.packing=true"])
 
 
+@pytest.mark.slow
 def test_train_one_adapter_per_task(model_dir, tasks_file, tmp_path, capsys):
   out = tmp_path / "multi"
   args = cli_args(model_dir, tasks_file, out, "train.steps=3", "data.adapter_field=task",
@@ -129,6 +128,7 @@ def test_train_one_adapter_per_task(model_dir, tasks_file, tmp_path, capsys):
   assert "from step 3" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bank_gradient_equals_single_adapter_gradient(model_dir, tasks_file):
   """Adapter k's gradient in a mixed bank step is its gradient alone on its own rows."""
   cfg = config_lib.load(None, [f"model.path={model_dir}", "lora.rank=4",

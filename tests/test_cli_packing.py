@@ -203,6 +203,7 @@ def _args(model_dir, data_dir, out, *extra):
   return [a for a in args if a.split("=")[0] not in keys] + list(extra)
 
 
+@pytest.mark.slow
 def test_packed_train_resumes_bit_identical(model_dir, data_dir, tmp_path, monkeypatch):
   """A run rolled back to its step-2 checkpoint (what an interruption after step 2 leaves; the
   SIGKILL test in test_cli.py covers the interruption itself) resumes bit-identically."""

@@ -18,6 +18,7 @@ def _metrics(out):
   return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_qlora_train_resume_eval_export(model_dir, data_dir, tmp_path, capsys):
   import torch
   import transformers

@@ -15,6 +15,7 @@ from jaxlora_cli import demo, trainer  # noqa: E402
 from jaxlora_cli.main import main  # noqa: E402
 
 
+@pytest.mark.slow
 def test_shipped_base_model_is_a_pretrained_language_model():
   model, params = jaxlora.models.from_pretrained(demo.DEMO_BASE)
   tok = trainer.load_tokenizer(demo.DEMO_BASE)

@@ -28,6 +28,7 @@ def _load_script():
   return mod
 
 
+@pytest.mark.slow
 def test_smoke_run(tmp_path):
   out = tmp_path / "results.json"
   r = subprocess.run([sys.executable, SCRIPT, "--smoke", "--json", str(out)], cwd=ROOT,

@@ -115,6 +115,10 @@ def test_save_pretrained_loads_in_transformers(checkpoint, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+# One architecture in the fast tier; the export path is the same code for all of them.
+@pytest.mark.parametrize("checkpoint", [
+    n if n == "llama_gqa_llama3_rope" else pytest.param(n, marks=pytest.mark.slow)
+    for n in sorted(ARCHS)], indirect=True)
 def test_lora_merged_export_matches_factored(checkpoint, tmp_path):
   name, hf, path = checkpoint
   model, params = jaxlora.models.from_pretrained(path)
@@ -157,6 +161,7 @@ def test_sharded_and_bf16_checkpoints(tmp_path):
   assert back.model.layers[1].self_attn.q_proj.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_remat_and_bf16_compute_run():
   from jaxlora.models.decoder import REMAT_POLICIES  # pylint: disable=import-outside-toplevel
   hf = _hf_model("qwen3_qk_norm")

@@ -20,7 +20,9 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+# GPT-2 (learned positions) in the full suite only: the fast tier keeps llama.
+@pytest.mark.parametrize("name", [n if n == "llama" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(CONFIGS)])
 def test_packed_logits_equal_separate_runs(name):
   model = jaxlora.models.Decoder(CONFIGS[name])
   params = jax.jit(jaxlora.models.init, static_argnums=0)(model, jax.random.key(0))
@@ -63,6 +65,7 @@ def test_segment_ids_errors():
     model.apply({"params": params}, ids, segment_ids=jnp.ones((2, 4), jnp.int32), cache=cache)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_chunked_cross_entropy_equals_full_loss_and_gradients(name):
   model = jaxlora.models.Decoder(CONFIGS[name])

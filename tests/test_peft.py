@@ -25,7 +25,9 @@ BASES = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(BASES))
+# The fast tier serves llama; GPT-2 (Conv1D kernels) runs in the full suite.
+@pytest.fixture(scope="module", params=[
+    n if n == "llama" else pytest.param(n, marks=pytest.mark.slow) for n in sorted(BASES)])
 def base(request, tmp_path_factory):
   torch.manual_seed(0)
   hf = BASES[request.param]().eval()
@@ -73,7 +75,8 @@ def _train(model, tree, steps=5):
   return jaxlora.combine(trainable, frozen)
 
 
-@pytest.mark.parametrize("variant", ["plain", "patterns", "rslora"])
+@pytest.mark.parametrize("variant", ["plain", pytest.param("patterns", marks=pytest.mark.slow),
+                                     pytest.param("rslora", marks=pytest.mark.slow)])
 def test_jaxlora_adapter_serves_in_peft(base, variant, tmp_path):
   name, base_path, model, params = base
   kw = dict(rank=4, alpha=8, targets="all-linear")

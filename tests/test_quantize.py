@@ -151,7 +151,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name,qtype", [(n, "nf4") for n in sorted(CASES)]
+# The scanned, rematerialized stack compiles longest: full suite only.
+@pytest.mark.parametrize("name,qtype", [(n, "nf4") if n != "scan_remat" else
+                                        pytest.param(n, "nf4", marks=pytest.mark.slow)
+                                        for n in sorted(CASES)]
                          + [("dense_general", "int8")])
 def test_forward_and_grads_equal_the_dequantized_float_tree(name, qtype):
   model, make_x, kw = CASES[name]
@@ -210,6 +213,7 @@ def test_decoder_defaults_leave_head_and_embeddings_float(llama):
   assert not Q.is_quantized(q["embed_tokens"]["embedding"])
 
 
+@pytest.mark.slow
 def test_generate_and_merge_on_a_quantized_base(llama):
   model, params, q, tree = llama
   ids = jnp.asarray([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]], jnp.int32)
@@ -253,6 +257,7 @@ def test_orbax_round_trip_and_abstract_restore(llama, tmp_path):
   assert repr(Q.records(back)["layers/mlp/up_proj"]) == repr(Q.records(q)["layers/mlp/up_proj"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices, as in CI")
 def test_sharded_records_memory_plan_and_training_step(llama):
   model, params, q, tree = llama

@@ -88,6 +88,7 @@ def _read(store, name):
   return store[f"{URL}/{name}"].getvalue().decode()
 
 
+@pytest.mark.slow
 def test_train_and_resume_in_a_gs_run_directory(gcs, model_dir, data_dir, tmp_path, capsys):
   store, local = gcs
   args = lambda steps: cli_args(model_dir, data_dir / "pc.jsonl", URL, f"train.steps={steps}",

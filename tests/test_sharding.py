@@ -66,6 +66,7 @@ MESHES = {"fsdp8": dict(fsdp=8), "fsdp4_tp2": dict(fsdp=4, tensor=2),
           "dp2_fsdp4": dict(data=2, fsdp=4)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MESHES))
 def test_sharded_training_matches_one_device(name):
   model, params, tree, ids = _setup()

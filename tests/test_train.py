@@ -133,6 +133,7 @@ def test_optimizer_needs_an_adapter():
     jaxlora.optimizer(optax.adam(1e-3), v)
 
 
+@pytest.mark.slow
 def test_gradient_matches_finite_differences_in_float64_reference():
   """d loss / d A and d B from the factored path equal the merged path's gradients."""
   m, v, w, x, y = _setup()

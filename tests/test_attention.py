@@ -99,6 +99,7 @@ def test_cudnn_lengths_after_compaction_match_reference():
                              atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["flash-interpret"])  # splash's backward: its own kernel
 def test_pallas_gradients_equal_xla(impl):
   q, k, v = _inputs(t=24, seed=1)
@@ -137,8 +138,10 @@ DECODER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,inputs,paths", DECODER_CASES,
-                         ids=[f"{c[0]}-{c[1]}" for c in DECODER_CASES])
+# Packed llama (every fast path) in the fast tier; the other cases in the full suite.
+@pytest.mark.parametrize("name,inputs,paths", [
+    c if c[:2] == ("llama", "packed") else pytest.param(*c, marks=pytest.mark.slow)
+    for c in DECODER_CASES], ids=[f"{c[0]}-{c[1]}" for c in DECODER_CASES])
 def test_decoder_paths_equal_xla(name, inputs, paths, batch):
   cfg = {"llama": LLAMA, "mistral": MISTRAL, "gpt2": GPT2}[name]
   ids, mask, seg = batch

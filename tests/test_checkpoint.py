@@ -35,7 +35,8 @@ def _bits(x):
   return np.asarray(x).view(np.uint8)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32,
+                                   pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_round_trip_is_bit_exact(tmp_path, dtype):
   v, w = _wrapped(dtype)
   jaxlora.save(str(tmp_path / "a"), w, metadata={"lr": 1e-3, "note": "x"})

@@ -92,10 +92,9 @@ def test_eval_and_plot(trained_run, tmp_path, capsys):
   assert (copy / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
-# Plain text in the fast tier; the other readers and chat training in the full suite.
-@pytest.mark.parametrize("fmt,file", [
-    ("text", "text.txt"), *(pytest.param(*c, marks=pytest.mark.slow) for c in (
-        ("text", "text.csv"), ("text", "text.parquet"), ("chat", "chat.jsonl")))])
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,file", [("text", "text.txt"), ("text", "text.csv"),
+                                      ("text", "text.parquet"), ("chat", "chat.jsonl")])
 def test_data_formats(model_dir, data_dir, tmp_path, fmt, file):
   args = _args(model_dir, data_dir / file, tmp_path / "r", "train.steps=2")
   args[args.index("data.format=prompt_completion")] = f"data.format={fmt}"
@@ -221,6 +220,13 @@ def test_sigkill_then_resume_is_bit_identical(model_dir, data_dir, tmp_path):
   b = jaxlora.load(str(tmp_path / "killed" / "adapter"), params)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+
+
+def test_module_entry_point_passes_the_exit_status(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "jaxlora_cli", "plot", str(tmp_path / "none")],
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'none'} has no metrics.jsonl yet"]
 
 
 def test_shipped_presets_load():

@@ -115,10 +115,8 @@ def test_save_pretrained_loads_in_transformers(checkpoint, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-# One architecture in the fast tier; the export path is the same code for all of them.
-@pytest.mark.parametrize("checkpoint", [
-    n if n == "llama_gqa_llama3_rope" else pytest.param(n, marks=pytest.mark.slow)
-    for n in sorted(ARCHS)], indirect=True)
+# The fast tier checks a merged export in test_cli (export --format hf).
+@pytest.mark.slow
 def test_lora_merged_export_matches_factored(checkpoint, tmp_path):
   name, hf, path = checkpoint
   model, params = jaxlora.models.from_pretrained(path)

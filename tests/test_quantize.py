@@ -151,8 +151,8 @@ CASES = {
 }
 
 
-# The scanned, rematerialized stack compiles longest: full suite only.
-@pytest.mark.parametrize("name,qtype", [(n, "nf4") if n != "scan_remat" else
+# Dense (nf4) and DenseGeneral (int8) in the fast tier; the other kernels in the full suite.
+@pytest.mark.parametrize("name,qtype", [(n, "nf4") if n == "dense" else
                                         pytest.param(n, "nf4", marks=pytest.mark.slow)
                                         for n in sorted(CASES)]
                          + [("dense_general", "int8")])

@@ -97,11 +97,7 @@ def generate(model: model_api.CachedLM, params: Any, input_ids: Any, *, attentio
     The new tokens, int32 ``(batch, max_new_tokens)``.
 
   >>> import jax, jax.numpy as jnp, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig(
-  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
-  ...     tie_word_embeddings=False)
+  >>> cfg = jaxlora.models.ModelConfig.tiny("llama")
   >>> model = jaxlora.models.Decoder(cfg)
   >>> params = jaxlora.models.init(model, jax.random.key(0))
   >>> jaxlora.generate(model, params, jnp.array([[1, 2, 3]]), max_new_tokens=4).shape

@@ -119,11 +119,7 @@ class HubNames(Protocol):
   for PyTorch weights stored ``(in, out)`` (GPT-2's Conv1D).
 
   >>> import jaxlora
-  >>> cfg = jaxlora.models.ModelConfig(
-  ...     model_type="gpt2", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=4, head_dim=4,
-  ...     intermediate_size=64, max_position_embeddings=64, norm_eps=1e-5,
-  ...     tie_word_embeddings=True)
+  >>> cfg = jaxlora.models.ModelConfig.tiny("gpt2")
   >>> model = jaxlora.models.Decoder(cfg)
   >>> isinstance(model, HubNames), model.fan_in_fan_out
   (True, True)
@@ -154,11 +150,7 @@ class CachedLM(Protocol):
   unbounded (rotary positions).
 
   >>> import jaxlora
-  >>> cfg = jaxlora.models.ModelConfig(
-  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
-  ...     tie_word_embeddings=False, eos_token_id=2)
+  >>> cfg = jaxlora.models.ModelConfig.tiny("llama", eos_token_id=2)
   >>> model = jaxlora.models.Decoder(cfg)
   >>> isinstance(model, CachedLM), model.eos_token_id, model.max_positions
   (True, 2, None)

@@ -60,11 +60,7 @@ def save(path: str, tree: Any, *, model: model_api.HubNames,
     dtype: tensor dtype on disk (default: the adapter's).
 
   >>> import tempfile, os, jax, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig(
-  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
-  ...     tie_word_embeddings=False)
+  >>> cfg = jaxlora.models.ModelConfig.tiny("llama")
   >>> model = jaxlora.models.Decoder(cfg)
   >>> params = jaxlora.models.init(model, jax.random.key(0))
   >>> tree = jaxlora.wrap(params, rank=2, targets="attention", layout=model, key=jax.random.key(1))
@@ -197,11 +193,7 @@ def load(path: str, base_params: Any, *, model: model_api.HubNames,
       keys, or shapes that do not fit the base.
 
   >>> import tempfile, jax, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig(
-  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
-  ...     tie_word_embeddings=False)
+  >>> cfg = jaxlora.models.ModelConfig.tiny("llama")
   >>> model = jaxlora.models.Decoder(cfg)
   >>> params = jaxlora.models.init(model, jax.random.key(0))
   >>> tree = jaxlora.wrap(params, rank=2, targets="mlp", layout=model, key=jax.random.key(1))

@@ -218,11 +218,7 @@ def param_shardings(model: model_api.AbstractModel, mesh: Mesh,
     InputTypeError: a model without ``abstract_variables()``.
 
   >>> import jax, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig(
-  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
-  ...     tie_word_embeddings=False)
+  >>> cfg = jaxlora.models.ModelConfig.tiny("llama")
   >>> model = jaxlora.models.Decoder(cfg)
   >>> mesh = jaxlora.sharding.make_mesh(fsdp=-1)
   >>> sh = jaxlora.sharding.param_shardings(model, mesh)
@@ -253,11 +249,7 @@ def tree_shardings(tree: Any, base_shardings: Any) -> Any:
     A tree of shardings with the structure of `tree`.
 
   >>> import jax, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig(
-  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
-  ...     tie_word_embeddings=False)
+  >>> cfg = jaxlora.models.ModelConfig.tiny("llama")
   >>> model = jaxlora.models.Decoder(cfg)
   >>> mesh = jaxlora.sharding.make_mesh(fsdp=-1)
   >>> params = jaxlora.models.init(model, jax.random.key(0))
@@ -448,11 +440,7 @@ def memory_plan(model: Any, mesh: Mesh, *, rank: int = 16, targets: Any = "all-l
       (`jaxlora.errors.InputTypeError`).
 
   >>> import jaxlora
-  >>> cfg = jaxlora.models.ModelConfig(
-  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
-  ...     tie_word_embeddings=False)
+  >>> cfg = jaxlora.models.ModelConfig.tiny("llama")
   >>> model = jaxlora.models.Decoder(cfg)
   >>> mesh = jaxlora.sharding.make_mesh(fsdp=-1)
   >>> plan = jaxlora.sharding.memory_plan(model, mesh, rank=2)

@@ -76,7 +76,7 @@ def resolve(implementation: str = "auto", *, backend: str | None = None) -> str:
   >>> resolve("cudnn", backend="cpu")
   Traceback (most recent call last):
   ...
-  ValueError: attention='cudnn' needs an NVIDIA GPU, but this process runs on cpu; use attention='auto' (picks what the platform has) or 'xla'.
+  jaxlora.errors.InputError: attention='cudnn' needs an NVIDIA GPU, but this process runs on cpu; use attention='auto' (picks what the platform has) or 'xla'.
   """
   if implementation not in IMPLEMENTATIONS + _INTERPRETED:
     raise InputError(f"attention={implementation!r} is not an attention implementation; "

@@ -47,6 +47,36 @@ class ModelConfig:
   pad_token_id: int | None = None
   extra: tuple[tuple[str, str], ...] = ()  # other config.json keys (JSON text), written back
 
+  @classmethod
+  def tiny(cls, model_type: str = "llama", **changes: Any) -> "ModelConfig":
+    """A two-layer model of a few thousand parameters, for examples and pipeline tests.
+
+    Args:
+      model_type: ``'gpt2'`` or one of the Llama family (``'llama'``, ``'mistral'``, ...).
+      **changes: any other field, by name, e.g. ``num_hidden_layers=4``.
+
+    >>> import jaxlora
+    >>> cfg = jaxlora.models.ModelConfig.tiny("llama", num_hidden_layers=3)
+    >>> cfg == jaxlora.models.ModelConfig(
+    ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=3,
+    ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+    ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
+    ...     tie_word_embeddings=False)
+    True
+    """
+    if model_type not in MODEL_TYPES:
+      raise InputError(f"model_type {model_type!r} is not supported; choose one of "
+                       f"{', '.join(MODEL_TYPES)}.")
+    gpt2 = model_type == "gpt2"
+    fields = dict(model_type=model_type, vocab_size=32, hidden_size=16, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4 if gpt2 else 2, head_dim=4,
+                  intermediate_size=64 if gpt2 else 32, max_position_embeddings=64,
+                  norm_eps=1e-5 if gpt2 else 1e-6, tie_word_embeddings=gpt2)
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise InputError(f"ModelConfig has no field(s) {unknown}; see the ModelConfig fields.")
+    return cls(**{**fields, **changes})
+
   @property
   def is_gpt2(self) -> bool:
     return self.model_type == "gpt2"

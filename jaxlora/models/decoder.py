@@ -195,11 +195,7 @@ class Decoder(nn.Module):
   `jaxlora.generate`) uses it without importing it.
 
   >>> import jaxlora
-  >>> cfg = jaxlora.models.ModelConfig(
-  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
-  ...     tie_word_embeddings=False)
+  >>> cfg = jaxlora.models.ModelConfig.tiny("llama")
   >>> model = jaxlora.models.Decoder(cfg)
   >>> api = jaxlora.model_api
   >>> all(isinstance(model, p) for p in (api.AbstractModel, api.LayoutProvider,
@@ -424,11 +420,7 @@ def abstract_variables(model: "Decoder") -> dict:
   """The (boxed) variables `model.init` would create, as ShapeDtypeStructs; nothing is allocated.
 
   >>> import jaxlora
-  >>> cfg = jaxlora.models.ModelConfig(
-  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
-  ...     tie_word_embeddings=False)
+  >>> cfg = jaxlora.models.ModelConfig.tiny("llama")
   >>> v = abstract_variables(jaxlora.models.Decoder(cfg))
   >>> v["params"]["layers"]["mlp"]["up_proj"]["kernel"].value.shape
   (2, 16, 32)
@@ -440,11 +432,7 @@ def init_cache(config: ModelConfig, batch: int, max_length: int, dtype: Any = jn
   """An empty KV cache for `batch` sequences of up to `max_length` tokens.
 
   >>> from jaxlora.models import ModelConfig, init_cache
-  >>> cfg = ModelConfig(
-  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
-  ...     tie_word_embeddings=False)
+  >>> cfg = ModelConfig.tiny("llama")
   >>> init_cache(cfg, batch=3, max_length=10)["k"].shape
   (2, 3, 10, 2, 4)
   """

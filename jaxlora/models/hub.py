@@ -198,11 +198,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
       corrupt quantization state.
 
   >>> import tempfile, jax, jax.numpy as jnp, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig(
-  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
-  ...     tie_word_embeddings=False)
+  >>> cfg = jaxlora.models.ModelConfig.tiny("llama")
   >>> model = jaxlora.models.Decoder(cfg)
   >>> params = jaxlora.models.init(model, jax.random.key(0))
   >>> d = tempfile.mkdtemp()
@@ -479,11 +475,7 @@ def save_pretrained(path: str, model: Decoder, params: Any, *,
     ValueError: if the params still hold adapters (merge them first) or do not fit the model.
 
   >>> import tempfile, os, jax, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig(
-  ...     model_type="gpt2", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=4, head_dim=4,
-  ...     intermediate_size=64, max_position_embeddings=64, norm_eps=1e-5,
-  ...     tie_word_embeddings=True)
+  >>> cfg = jaxlora.models.ModelConfig.tiny("gpt2")
   >>> model = jaxlora.models.Decoder(cfg)
   >>> d = tempfile.mkdtemp()
   >>> jaxlora.models.save_pretrained(d, model, jaxlora.models.init(model, jax.random.key(0)))
@@ -568,11 +560,7 @@ def init(model: Decoder, key: jax.Array) -> dict:
   """Freshly initialised, unboxed params for `model` (plain arrays).
 
   >>> import jax, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig(
-  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
-  ...     tie_word_embeddings=False)
+  >>> cfg = jaxlora.models.ModelConfig.tiny("llama")
   >>> params = jaxlora.models.init(jaxlora.models.Decoder(cfg), jax.random.key(0))
   >>> params['layers']['self_attn']['k_proj']['kernel'].shape
   (2, 16, 8)
@@ -584,11 +572,7 @@ def hf_module_name(config: ModelConfig, module_path: tuple[str, ...], layer: int
   """The PyTorch module name of a flax module, e.g. 'model.layers.3.self_attn.q_proj'.
 
   >>> import jaxlora
-  >>> cfg = jaxlora.models.ModelConfig(
-  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
-  ...     tie_word_embeddings=False)
+  >>> cfg = jaxlora.models.ModelConfig.tiny("llama")
   >>> hf_module_name(cfg, ("layers", "self_attn", "q_proj"), 3)
   'model.layers.3.self_attn.q_proj'
   """
@@ -600,11 +584,7 @@ def flax_module_path(config: ModelConfig, name: str) -> tuple[tuple[str, ...], i
   """Inverse of `hf_module_name`: ``(module path, layer or None)``.
 
   >>> import jaxlora
-  >>> cfg = jaxlora.models.ModelConfig(
-  ...     model_type="gpt2", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=4, head_dim=4,
-  ...     intermediate_size=64, max_position_embeddings=64, norm_eps=1e-5,
-  ...     tie_word_embeddings=True)
+  >>> cfg = jaxlora.models.ModelConfig.tiny("gpt2")
   >>> flax_module_path(cfg, "transformer.h.1.mlp.c_fc")
   (('h', 'mlp', 'c_fc'), 1)
   """

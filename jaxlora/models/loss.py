@@ -70,11 +70,7 @@ def chunked_cross_entropy(model: Decoder, params: Any, hidden: jax.Array, labels
     ValueError: shapes that do not match, a chunk size below 1, or an unknown reduction.
 
   >>> import jax, jax.numpy as jnp, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig(
-  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
-  ...     tie_word_embeddings=False)
+  >>> cfg = jaxlora.models.ModelConfig.tiny("llama")
   >>> model = jaxlora.models.Decoder(cfg)
   >>> params = jaxlora.models.init(model, jax.random.key(0))
   >>> ids = jnp.arange(10).reshape(1, 10) % 32

@@ -60,11 +60,7 @@ def activation_bytes(model: Any, mesh: Mesh, *, rules: Sequence[tuple[str, Any]]
     InputTypeError: an option other than ``remat`` and ``attention``.
 
   >>> import jax, jaxlora
-  >>> cfg = jaxlora.models.ModelConfig(
-  ...     model_type="llama", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-  ...     num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-  ...     intermediate_size=32, max_position_embeddings=64, norm_eps=1e-6,
-  ...     tie_word_embeddings=False)
+  >>> cfg = jaxlora.models.ModelConfig.tiny("llama")
   >>> model = jaxlora.models.Decoder(cfg, remat="full")
   >>> mesh = jaxlora.sharding.make_mesh(fsdp=1, devices=jax.devices()[:1])
   >>> params = jax.eval_shape(lambda: jaxlora.models.init(model, jax.random.key(0)))

@@ -19,6 +19,57 @@ sys.path.insert(0, os.path.dirname(__file__))
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+# The fast tier (`-m "not slow"`) also leaves these out: each one's module keeps cheaper tests of
+# the same code path in the fast tier (CI runs everything). Node id prefixes.
+SLOW_IN_FAST_TIER = (
+    "tests/test_attention.py::test_decoder_paths_equal_xla[llama-packed]",
+    "tests/test_attention.py::test_generate_falls_back_to_xla_with_a_logged_reason",
+    "tests/test_attention.py::test_lora_gradients_on_fast_paths_equal_xla",
+    "tests/test_attention.py::test_pallas_kernels_run_per_shard_under_a_mesh",
+    "tests/test_bank.py::test_bad_input_names_the_adapter_layer_or_value",
+    "tests/test_bank.py::test_unstack_gives_the_trees_back_exactly",
+    "tests/test_checkpoint.py::test_load_onto_a_base_that_does_not_fit",
+    "tests/test_cli_adapters.py::test_eval_several_adapters_in_one_process",
+    "tests/test_cli_adapters.py::test_generate_with_base_and_adapters_equals_run_dir",
+    "tests/test_cli_packing.py::test_chunked_loss_equals_full_logits_loss_and_grads",
+    "tests/test_forward.py::test_bf16_base_with_fp32_adapters",
+    "tests/test_forward.py::test_factored_equals_merged[einsum]",
+    "tests/test_forward.py::test_identity_at_init_bit_for_bit[einsum]",
+    "tests/test_forward.py::test_library_works_under_strict_dtype_promotion",
+    "tests/test_memory_plan.py::test_chunked_loss_saves_what_the_plan_says",
+    "tests/test_memory_plan.py::test_plan_matches_xla_memory_analysis_of_the_step[none-fsdp8",
+    "tests/test_merge.py::test_merge_keeps_kernel_dtype_and_rounds_once",
+    "tests/test_merge.py::test_merge_matches_numpy_float64_for_stacked_and_multi_axis_kernels",
+    "tests/test_models.py::test_generation_arguments_and_sampling",
+    "tests/test_models.py::test_save_pretrained_refuses_wrapped_params",
+    "tests/test_packing.py::test_packed_logits_equal_separate_runs[llama]",
+    "tests/test_peft.py::test_jaxlora_adapter_serves_in_peft[llama-plain]",
+    "tests/test_peft.py::test_target_modules_regex_when_names_are_ambiguous",
+    "tests/test_peft.py::test_unsupported_and_broken_adapters",
+    "tests/test_preemption.py::test_a_signal_mid_step_stops_after_it_in_process",
+    "tests/test_qlora_load.py::test_quantize_on_load_equals_quantizing_the_float_params[nf4-kw0]",
+    "tests/test_quantize.py::test_4bit_bit_exact_with_bitsandbytes[True-nf4]",
+    "tests/test_quantize.py::test_decoder_defaults_leave_head_and_embeddings_float",
+    "tests/test_quantize.py::test_forward_and_grads_equal_the_dequantized_float_tree[dense_general",
+    "tests/test_quantize.py::test_plain_flax_on_dequantized_kernels_matches_interceptor",
+    "tests/test_sharding.py::test_sharded_checkpoint_load_and_loading_into_shards",
+    "tests/test_train.py::test_optimizer_on_full_tree_freezes_the_base",
+    "tests/test_train.py::test_split_combine_are_exact_inverses",
+    "tests/test_trainer_pieces.py::test_checkpoint_restore_then_step_matches",
+    "tests/test_trainer_pieces.py::test_steps_are_deterministic",
+    "tests/test_wrap.py::test_all_linear_skips_head_and_embeddings",
+    "tests/test_wrap.py::test_layout_from_another_model",
+    "tests/test_wrap.py::test_rank_alpha_patterns_and_rslora",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if item.nodeid.startswith(SLOW_IN_FAST_TIER):
+      item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
   """One persistent JAX compilation cache for the test session.

@@ -60,9 +60,11 @@ def test_sigterm_checkpoints_the_step_in_flight_and_resumes_exactly(model_dir, d
   assert main(args(tmp_path / "ref")) == 0  # the uninterrupted run, in this process
 
   run = tmp_path / "run"
-  # The same devices as this process, so that both runs compute the same programs.
-  env = {**os.environ,
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={jax.local_device_count()}"}
+  # The same devices and compiler flags as this process, so both runs compute the same programs.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags.append(f"--xla_force_host_platform_device_count={jax.local_device_count()}")
+  env = {**os.environ, "XLA_FLAGS": " ".join(flags)}
   proc = subprocess.Popen([sys.executable, "-c", SLOW_TRAIN, *args(run)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300

@@ -9,9 +9,24 @@ from jaxlora.errors import InputError, InputTypeError
 A_KEY = "lora_a"
 B_KEY = "lora_b"
 SCALE_KEY = "lora_scale"
-ADAPTER_KEYS = (A_KEY, B_KEY, SCALE_KEY)
-TRAINABLE_KEYS = (A_KEY, B_KEY)
+# DoRA: the trained magnitude per output unit, shaped (*stacked, *batch, *out_axes).
+MAGNITUDE_KEY = "lora_magnitude"
+# Trainable tokens (on an embedding module): the token ids (frozen, int32 (k,)) and
+# their trained rows (k, features), which replace those rows of the embedding.
+TOKEN_IDS_KEY = "lora_token_ids"
+TOKEN_ROWS_KEY = "lora_token_rows"
+# Markers, frozen int8 zeros shaped like the module's stacked axes: the module's own
+# leaves train in full (modules_to_save), or its `bias` trains (bias='all'/'lora_only').
+EXTRA_KEY = "lora_extra"
+BIAS_KEY = "lora_bias"
+MARKER_KEYS = (EXTRA_KEY, BIAS_KEY)
+LORA_KEYS = (A_KEY, B_KEY, SCALE_KEY)  # every adapted kernel has these three
+# The leaves an adapter adds to a module (all saved with it); the first group trains.
+TRAINABLE_KEYS = (A_KEY, B_KEY, MAGNITUDE_KEY, TOKEN_ROWS_KEY)
+ADAPTER_KEYS = (A_KEY, B_KEY, SCALE_KEY, MAGNITUDE_KEY, TOKEN_IDS_KEY, TOKEN_ROWS_KEY,
+                EXTRA_KEY, BIAS_KEY)
 KERNEL_KEY = "kernel"
+BIAS_LEAF = "bias"
 
 Path = tuple[str, ...]
 
@@ -106,25 +121,51 @@ def filter_tree(tree: Mapping, keep: Callable[[str], bool], *, prune: bool) -> d
   With `prune`, dicts left without any kept leaf are dropped (they never held
   one); otherwise every dict of the original tree is kept, possibly empty.
   """
+  return filter_leaves(tree, lambda key, mod, extra: keep(key), prune=prune)
+
+
+def filter_leaves(tree: Mapping, keep: Callable[[str, Mapping, bool], bool], *, prune: bool,
+                  extra: bool = False) -> dict:
+  """Like `filter_tree`, with ``keep(key, module_dict, extra)``.
+
+  ``extra`` is True inside a module marked with `EXTRA_KEY` (or below one):
+  all of that module's own leaves train.
+  """
+  extra = extra or EXTRA_KEY in tree
   out = {}
   for k, v in tree.items():
     if isinstance(v, Mapping):
-      sub = filter_tree(v, keep, prune=prune)
+      sub = filter_leaves(v, keep, prune=prune, extra=extra)
       if sub or not prune:
         out[k] = sub
-    elif keep(k):
+    elif keep(k, tree, extra):
       out[k] = v
   return out
 
 
 def is_adapter_key(key: Any) -> bool:
-  """True for the names of the leaves an adapter adds to a module (lora_a, lora_b, lora_scale)."""
+  """True for the names of the leaves an adapter adds to a module (lora_a, lora_b, ...)."""
   return key in ADAPTER_KEYS
 
 
+def is_trained_base(key: Any, module: Mapping, extra: bool) -> bool:
+  """True for a base leaf that trains in full: in a marked module, or a marked bias."""
+  if key in ADAPTER_KEYS:
+    return False
+  return extra or (key == BIAS_LEAF and BIAS_KEY in module)
+
+
+def _is_trainable(key: Any, module: Mapping, extra: bool) -> bool:
+  return key in TRAINABLE_KEYS or is_trained_base(key, module, extra)
+
+
 def adapter_leaves(tree: Mapping) -> dict:
-  """The adapter leaves of `tree` alone; dicts left without any are dropped."""
-  return filter_tree(tree, is_adapter_key, prune=True)
+  """What an adapter checkpoint holds: adapter leaves and the base leaves that train.
+
+  Dicts left without any are dropped.
+  """
+  return filter_leaves(tree, lambda k, m, e: k in ADAPTER_KEYS or is_trained_base(k, m, e),
+                       prune=True)
 
 
 def base_leaves(tree: Mapping, *, prune: bool) -> dict:
@@ -138,13 +179,51 @@ def module_base(module: Mapping) -> dict:
 
 
 def trainable_leaves(tree: Mapping) -> dict:
-  """The trained leaves (lora_a, lora_b) alone; dicts left without any are dropped."""
-  return filter_tree(tree, lambda k: k in TRAINABLE_KEYS, prune=True)
+  """The trained leaves alone (lora_a, lora_b, DoRA magnitudes, token rows, marked base
+  leaves); dicts left without any are dropped."""
+  return filter_leaves(tree, _is_trainable, prune=True)
 
 
 def frozen_leaves(tree: Mapping) -> dict:
   """`tree` less its trained leaves, every dict kept (the other half of `trainable_leaves`)."""
-  return filter_tree(tree, lambda k: k not in TRAINABLE_KEYS, prune=False)
+  return filter_leaves(tree, lambda k, m, e: not _is_trainable(k, m, e), prune=False)
+
+
+def leaf_paths(tree: Mapping, prefix: Path = ()) -> set[Path]:
+  """The key path of every leaf of nested dicts."""
+  out: set[Path] = set()
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out |= leaf_paths(v, prefix + (k,))
+    else:
+      out.add(prefix + (k,))
+  return out
+
+
+def select_paths(tree: Mapping, paths: set[Path], *, keep: bool, prune: bool,
+                 prefix: Path = ()) -> dict:
+  """The leaves of `tree` whose path is in `paths` (``keep=True``) or is not."""
+  out = {}
+  for k, v in tree.items():
+    here = prefix + (k,)
+    if isinstance(v, Mapping):
+      sub = select_paths(v, paths, keep=keep, prune=prune, prefix=here)
+      if sub or not prune:
+        out[k] = sub
+    elif (here in paths) == keep:
+      out[k] = v
+  return out
+
+
+def overlay(base: Mapping, top: Mapping, path: Path = ()) -> dict:
+  """Deep union of two nested dicts where `top`'s leaves replace `base`'s."""
+  out = dict(base)
+  for k, v in top.items():
+    if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+      out[k] = overlay(out[k], v, path + (k,))
+    else:
+      out[k] = v
+  return out
 
 
 def merge_trees(a: Mapping, b: Mapping, path: Path = ()) -> dict:

@@ -151,7 +151,7 @@ def merge_adapters(trees: Mapping[str, PyTree] | Sequence[PyTree], weights: Sequ
   draw = effective in _RANDOM and given is None
   new = {}
   for index, ((path_t, mods), layer) in enumerate(zip(modules, layers)):
-    factors = [{k: m[k] for k in _tree.ADAPTER_KEYS} for m in mods]
+    factors = [{k: m[k] for k in _tree.LORA_KEYS} for m in mods]
     a, b = _combine_layer(spec, layer, factors, jnp.asarray(ws, np.float32),
                           None if given is None else given[index],
                           jax.random.fold_in(key, index) if draw and key is not None else None)

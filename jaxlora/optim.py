@@ -42,9 +42,18 @@ def optimizer(tx: optax.GradientTransformation, tree: Any) -> optax.GradientTran
   True
   """
   transform.split(tree)  # raises a clear error when there is no adapter
+  # Which leaves train is read once from the full tree: markers (train_extra, bias) live
+  # in its frozen half, so a trainable half alone could not say it.
+  params = _tree.get_params(tree)
+  trained = _tree.leaf_paths(_tree.trainable_leaves(params))
 
   def trainable(x):
-    return _tree.trainable_leaves(x)
+    out = _tree.select_paths(_tree.get_params(x), trained, keep=True, prune=True)
+    return _tree.with_params(x, out)
+
+  def frozen(x):
+    out = _tree.select_paths(_tree.get_params(x), trained, keep=False, prune=False)
+    return _tree.with_params(x, out)
 
   def init_fn(params):
     return tx.init(trainable(params))
@@ -53,8 +62,7 @@ def optimizer(tx: optax.GradientTransformation, tree: Any) -> optax.GradientTran
     t_updates = trainable(updates)
     t_params = None if params is None else trainable(params)
     new_t, state = tx.update(t_updates, state, t_params, **extra)
-    frozen = _tree.frozen_leaves(updates)
-    zeros = jax.tree.map(lambda u: jnp.full_like(u, -0.0), frozen)
+    zeros = jax.tree.map(lambda u: jnp.full_like(u, -0.0), frozen(updates))
     return _tree.merge_trees(zeros, new_t), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

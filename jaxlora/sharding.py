@@ -64,7 +64,7 @@ def adapter_shardings(tree: Any) -> Any:
     roles = layout_lib.roles_from_shapes(_tree.join(path_t), kernel.shape, mod[A_KEY].shape,
                                          mod[B_KEY].shape, scale_ndim)
     out: dict[str, Any] = {}  # a NamedSharding each, or the kernel's own sharding
-    for k in _tree.ADAPTER_KEYS:
+    for k in _tree.LORA_KEYS:
       if isinstance(sharding, NamedSharding):
         out[k] = NamedSharding(sharding.mesh, _spec_for(sharding.spec, roles, k))
       else:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import _tree
+from jaxlora import initialisation
 from jaxlora import kernel_layout as layout_lib
 from jaxlora import model_api
 from jaxlora import targets as targets_lib
@@ -117,8 +118,7 @@ def wrap(params: PyTree, *, key: jax.Array | None = None, rank: int = 16,
   {'bias': (8,), 'kernel': (4, 8), 'lora_a': (4, 2), 'lora_b': (2, 8), 'lora_scale': ()}
   """
   rank = _check_rank(rank, "`rank`")
-  if init not in ("kaiming", "gaussian"):
-    raise InputError(f"`init` must be 'kaiming' or 'gaussian', got {init!r}.")
+  initialisation.check(init)
   if key is None:
     key = jax.random.key(0)
   layout = model_api.resolve_layout(layout, params)
@@ -179,15 +179,10 @@ def wrap(params: PyTree, *, key: jax.Array | None = None, rank: int = 16,
           "so merge and export could not place them. Exclude this layer, or reorder the "
           "kernel axes in the model's einsum equation (batch, inputs, then outputs).")
     adt = jnp.dtype(dtype) if dtype is not None else _wide(kernel.dtype)
-    if init == "kaiming":
-      bound = 1.0 / math.sqrt(n_in)
-      lora_a = jax.random.uniform(k, a_shape, adt, -bound, bound)
-    else:
-      lora_a = jax.random.normal(k, a_shape, adt) / r
     scale = a / math.sqrt(r) if use_rslora else a / r
     new = dict(mod)
-    new[A_KEY] = lora_a
-    new[B_KEY] = jnp.zeros(b_shape, adt)
+    new[KERNEL_KEY], new[A_KEY], new[B_KEY] = initialisation.factors(
+        init, k, path, kernel, roles, r, scale, adt)
     new[SCALE_KEY] = jnp.full(s_shape, scale, jnp.float32)
     new_modules[path_t] = new
   return _tree.with_params(params, _tree.replace_modules(p, new_modules))
@@ -305,7 +300,7 @@ def unmerge(merged: PyTree, adapter_tree: PyTree) -> PyTree:
     if KERNEL_KEY not in node:
       raise InputError(f"The merged params have no kernel at '{path}/kernel' for the adapter.")
     kernel = node[KERNEL_KEY]
-    missing = [k for k in _tree.ADAPTER_KEYS if k not in amod]
+    missing = [k for k in _tree.LORA_KEYS if k not in amod]
     if missing:
       raise InputError(f"Adapter at '{path}' lacks {missing}.")
     scale = jnp.asarray(amod[SCALE_KEY])
@@ -317,7 +312,8 @@ def unmerge(merged: PyTree, adapter_tree: PyTree) -> PyTree:
     out = dict(node)
     out[KERNEL_KEY] = (kernel.astype(wide) - _delta(path, kernel, amod)).astype(kernel.dtype)
     for k in _tree.ADAPTER_KEYS:
-      out[k] = amod[k]
+      if k in amod:
+        out[k] = amod[k]
     new[path_t] = out
   return _tree.with_params(merged, _tree.replace_modules(p, new))
 

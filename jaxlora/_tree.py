@@ -215,6 +215,17 @@ def select_paths(tree: Mapping, paths: set[Path], *, keep: bool, prune: bool,
   return out
 
 
+def nest(flat: Mapping[Path, Mapping]) -> dict:
+  """``{path: {key: leaf}}`` as nested dicts (entries at the same path are merged)."""
+  out: dict = {}
+  for path, entries in flat.items():
+    node = out
+    for k in path:
+      node = node.setdefault(k, {})
+    node.update(entries)
+  return out
+
+
 def overlay(base: Mapping, top: Mapping, path: Path = ()) -> dict:
   """Deep union of two nested dicts where `top`'s leaves replace `base`'s."""
   out = dict(base)

@@ -53,7 +53,13 @@ def _record(tree: Any, metadata: dict | None) -> dict:
         "kernel_shape": list(l.kernel_shape), "lora_a": list(l.a_shape), "lora_b": list(l.b_shape),
         "dtype": str(jnp.dtype(mod[A_KEY].dtype)),
     }
-  return {"format": FORMAT, "jaxlora_version": __version__, "layers": layers,
+  # Every other saved leaf (DoRA magnitudes, token rows, markers, base leaves that train).
+  leaves = {}
+  for kp, x in jax.tree_util.tree_flatten_with_path(_tree.adapter_leaves(p))[0]:
+    keys = tuple(k.key for k in kp)
+    if keys[-1] not in _tree.LORA_KEYS or _tree.lookup(p, keys[:-1]).get(A_KEY) is None:
+      leaves[_tree.join(keys)] = {"shape": list(np.shape(x)), "dtype": str(jnp.dtype(x.dtype))}
+  return {"format": FORMAT, "jaxlora_version": __version__, "layers": layers, "leaves": leaves,
           "targets": sorted(layers), "trainable_params": summary.trainable,
           "base_fingerprint": fingerprint(tree), "metadata": metadata or {}}
 
@@ -183,7 +189,7 @@ def load(path: str, base_params: Any, *, shardings: Any = None) -> Any:
   p = _tree.get_params(base_params)
   if _tree.adapter_modules(p):
     raise CheckpointError("`base_params` already hold an adapter; pass the unwrapped base params.")
-  abstract_mods = {}
+  added: dict[tuple[str, ...], dict[str, Any]] = {}  # module path -> leaves the adapter adds
   for lpath, layer in sorted(rec["layers"].items()):
     path_t = tuple(lpath.split("/")) if lpath else ()
     node = _tree.lookup(p, path_t, None)
@@ -200,12 +206,30 @@ def load(path: str, base_params: Any, *, shardings: Any = None) -> Any:
                             f"base params have '{lpath}/kernel' with shape {tuple(kernel.shape)}.")
     dt = jnp.dtype(layer["dtype"])
     scale_shape = np.shape(layer["scale"])
-    abstract_mods[path_t] = dict(node, **{
+    added[path_t] = {
         A_KEY: jax.ShapeDtypeStruct(tuple(layer["lora_a"]), dt),
         B_KEY: jax.ShapeDtypeStruct(tuple(layer["lora_b"]), dt),
-        SCALE_KEY: jax.ShapeDtypeStruct(scale_shape, jnp.float32)})
+        SCALE_KEY: jax.ShapeDtypeStruct(scale_shape, jnp.float32)}
     layout_lib.roles_from_shapes(lpath, want, layer["lora_a"], layer["lora_b"], len(scale_shape))
-  wrapped_abstract = _tree.replace_modules(p, abstract_mods)
+  for lpath, leaf in sorted(rec.get("leaves", {}).items()):
+    keys = tuple(lpath.split("/"))
+    path_t, key = keys[:-1], keys[-1]
+    node = _tree.lookup(p, path_t, None)
+    shape, dt = tuple(leaf["shape"]), jnp.dtype(leaf["dtype"])
+    if not isinstance(node, Mapping):
+      raise CheckpointError(f"The adapter in {path!r} holds '{lpath}' {shape}, but the base params "
+                            f"have no module '{_tree.join(path_t)}'; it was trained on another model.")
+    if not _tree.is_adapter_key(key):  # a base leaf trained in full: it must fit the base's
+      have = node.get(key)
+      if have is None or tuple(np.shape(have)) != shape:
+        got = "nothing" if have is None else f"shape {tuple(np.shape(have))}"
+        raise CheckpointError(f"The adapter in {path!r} trained '{lpath}' with shape {shape}; the "
+                              f"base params have {got} there.")
+      value: Any = jax.ShapeDtypeStruct(shape, dt, sharding=getattr(have, "sharding", None))
+    else:
+      value = jax.ShapeDtypeStruct(shape, dt)
+    added.setdefault(path_t, {})[key] = value
+  wrapped_abstract = _tree.overlay(p, _tree.nest(added))
   target_shardings = (_tree.get_params(shardings) if shardings is not None
                       else sharding_lib.adapter_shardings(wrapped_abstract))
   abstract = transform.adapter(wrapped_abstract)
@@ -219,7 +243,7 @@ def load(path: str, base_params: Any, *, shardings: Any = None) -> Any:
   except Exception as e:  # Orbax raises many types; say which file and why
     raise CheckpointError(f"Could not read the adapter arrays in {arrays_dir}: "
                           f"{type(e).__name__}: {e}") from e
-  return _tree.with_params(base_params, _tree.merge_trees(p, restored))
+  return _tree.with_params(base_params, _tree.overlay(p, restored))
 
 
 def _key_to_data(key: Any) -> Any:

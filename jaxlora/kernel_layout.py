@@ -54,6 +54,22 @@ class Layout:
   (('in', 'out'), 1)
   """
   kernels: Mapping[str, KernelLayout]
+  # Stacked (e.g. `nn.scan`) leading axes of every module that owns params, by path.
+  stacks: Mapping[str, int] = dataclasses.field(default_factory=dict, compare=False)
+
+  def stack_depth(self, path: str) -> int:
+    """How many leading stacked axes the leaves of the module at `path` have.
+
+    A module the trace did not see directly takes the depth of a module below
+    it (a container of layers inside a scan), else 0.
+    """
+    if path in self.stacks:
+      return self.stacks[path]
+    for p in (self.stacks, {k: v.n_stack for k, v in self.kernels.items()}):
+      below = [d for k, d in p.items() if k.startswith(path + "/") or not path]
+      if below:
+        return min(below)
+    return 0
 
   def __getitem__(self, path: str) -> KernelLayout:
     return self.kernels[path]
@@ -158,11 +174,16 @@ def trace_layout(apply_fn: Callable[..., Any], variables: Mapping, *args: Any,
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if quantization.is_quantized(x) else x,
       variables, is_leaf=quantization.is_quantized)
   seen: dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]] = {}
+  owners: dict[str, dict[str, tuple[int, ...]]] = {}  # module path -> its own leaves' shapes
   outputs: dict[str, list[Any]] = {}
 
   def interceptor(next_fun, a, kw, context):
     out = next_fun(*a, **kw)
     module = context.module
+    own = module.variables.get("params", {}) if module.scope is not None else {}
+    local = {k: tuple(np.shape(v)) for k, v in own.items() if not isinstance(v, Mapping)}
+    if local:
+      owners[_tree.join(module.path)] = local
     if context.method_name == "__call__" and module.has_variable("params", _tree.KERNEL_KEY):
       found = local_roles(module, a, kw)
       if found is not None:
@@ -202,7 +223,14 @@ def trace_layout(apply_fn: Callable[..., Any], variables: Mapping, *args: Any,
           "the stacked axes leading (variable_axes={'params': 0}).")
     is_head = path in seen_heads or bool(_HEAD_NAME.search(path))
     kernels[path] = KernelLayout(kind, (STACK,) * n_stack + roles, is_head)
-  return Layout(kernels)
+  stacks = {}
+  for path, local in owners.items():
+    node = _tree.lookup(params, tuple(path.split("/")) if path else (), None)
+    if isinstance(node, Mapping):
+      name, shape = next(iter(local.items()))
+      full = tuple(np.shape(node.get(name))) if name in node else shape
+      stacks[path] = max(len(full) - len(shape), 0)
+  return Layout(kernels, stacks)
 
 
 def layout(apply_fn: Callable[..., Any], variables: Mapping, *args: Any,

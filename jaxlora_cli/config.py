@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Union
 import yaml
 from etils import epath
 
+from jaxlora import _files
 from jaxlora import errors
 
 
@@ -87,7 +88,10 @@ class ModelSection:
                    choices=_DTYPES)
   param_dtype: str = key("float32", "dtype the base weights are held in", choices=_DTYPES)
   remat: Union[str, None] = key(None, "rematerialise layers in the backward pass",
-                                choices=(None, "full", "dots", "dots_no_batch"))
+                                # jaxlora.models.REMAT_POLICIES' names (checked by a test;
+                                # not imported here, so that --help does not load jax)
+                                choices=(None, "full", "dots", "dots_no_batch",
+                                         "offload_dots_no_batch"))
   quantize: Union[str, None] = key(
       None, "quantize the frozen base kernels (QLoRA); adapters stay float32, embeddings, "
       "norms and the output head stay float", choices=(None, "nf4", "fp4", "int8"))
@@ -111,9 +115,20 @@ class LoraSection:
   rank_pattern: dict = key(factory=dict, doc="{regex: rank} per-layer ranks")
   alpha_pattern: dict = key(factory=dict, doc="{regex: alpha} per-layer alphas")
   use_rslora: bool = key(False, "scale by alpha/sqrt(r)")
-  init: str = key("kaiming", "A initialisation: kaiming (PEFT's default) or gaussian",
-                  choices=("kaiming", "gaussian"))
+  init: str = key("kaiming", "initialisation: kaiming (PEFT's default), gaussian, pissa, "
+                  "pissa_niter_K (randomized SVD, K iterations), olora")
   dropout: float = key(0.0, "dropout on the LoRA input during training", ge=0, lt=1)
+  use_dora: bool = key(False, "DoRA: a trained magnitude per output unit")
+  loraplus_ratio: Union[float, None] = key(None, "LoRA+: lora_b learns this many times faster "
+                                           "than lora_a (the paper suggests 16)", gt=0)
+  train_extra: Union[str, list, None] = key(None, "regex(es) over module paths of whole modules "
+                                            "trained in full (PEFT's modules_to_save), e.g. "
+                                            "lm_head$")
+  trainable_tokens: Union[list, dict, None] = key(None, "token ids whose embedding rows train "
+                                                  "(PEFT's trainable_token_indices), or "
+                                                  "{module regex: [ids]}")
+  bias: str = key("none", "biases that train: none, all, or lora_only (the adapted layers')",
+                  choices=("none", "all", "lora_only"))
 
 
 @dataclasses.dataclass
@@ -431,9 +446,7 @@ def check_output_dir(path: str, name: str) -> None:
   ...
   jaxlora_cli.config.ConfigError: --out .../run: ... is a file, not a directory; ...
   """
-  from jaxlora_cli import reporting  # pylint: disable=import-outside-toplevel
-
-  if not path or reporting.is_remote(path):
+  if not path or _files.is_remote(path):
     return
   existing = os.path.abspath(path)
   while not os.path.exists(existing) and os.path.dirname(existing) != existing:

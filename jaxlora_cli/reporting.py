@@ -9,7 +9,7 @@ from typing import Any
 
 from etils import epath
 
-from jaxlora._files import is_remote  # also used as reporting.is_remote by the trainer
+from jaxlora._files import is_remote
 
 
 def du(path: Any) -> int:

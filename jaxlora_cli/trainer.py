@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxlora
+from jaxlora import _files
 from jaxlora import _tree
 from jaxlora.models import attention as attention_lib
 from jaxlora_cli import config as config_lib
@@ -123,11 +124,16 @@ def schedule(cfg: Config):
   return optax.cosine_decay_schedule(t.lr, t.steps, alpha=t.min_lr_ratio)
 
 
-def optimizer(cfg: Config, lr_schedule) -> optax.GradientTransformation:
+def optimizer(cfg: Config, lr_schedule, tree=None) -> optax.GradientTransformation:
+  """AdamW on the trainable half (LoRA+ with lora.loraplus_ratio), after gradient clipping."""
   parts = []
   if cfg.train.max_grad_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.train.max_grad_norm))
-  parts.append(optax.adamw(lr_schedule, weight_decay=cfg.train.weight_decay))
+  if cfg.lora.loraplus_ratio is not None:
+    parts.append(jaxlora.loraplus(optax.adamw, lr_schedule, cfg.lora.loraplus_ratio, tree=tree,
+                                  weight_decay=cfg.train.weight_decay))
+  else:
+    parts.append(optax.adamw(lr_schedule, weight_decay=cfg.train.weight_decay))
   return optax.chain(*parts)
 
 
@@ -325,7 +331,7 @@ def run_path(run_dir: str, *parts: str) -> str:
   >>> run_path("/runs/a", "adapter")
   '/runs/a/adapter'
   """
-  if reporting.is_remote(run_dir):
+  if _files.is_remote(run_dir):
     return "/".join([run_dir.rstrip("/"), *parts])
   return os.path.join(os.path.abspath(run_dir), *parts)
 
@@ -561,7 +567,7 @@ def setup(cfg: Config, mesh, resume: bool, log=print) -> tuple[Run, TrainState]:
   tree, bank, single = init_adapters(cfg, params, model, names)
   adapter_index = None if names is None else {n: i for i, n in enumerate(names)}
   lr_schedule = schedule(cfg)
-  tx = optimizer(cfg, lr_schedule)
+  tx = optimizer(cfg, lr_schedule, tree)
   rep = NamedSharding(mesh, PartitionSpec())
   # Adapters follow their kernels' shardings; optimizer state follows its params.
   # The float kernels' shardings (a quantized record's own shardings derive from them).
@@ -769,7 +775,9 @@ def wrap(cfg: Config, params, model, key):
     return jaxlora.wrap(params, rank=lc.rank, alpha=lc.alpha, targets=_sel(lc.targets),
                         exclude=_sel(lc.exclude), rank_pattern=lc.rank_pattern or None,
                         alpha_pattern=lc.alpha_pattern or None, use_rslora=lc.use_rslora,
-                        init=lc.init, layout=model, key=key)
+                        init=lc.init, layout=model, key=key, use_dora=lc.use_dora,
+                        train_extra=_sel(lc.train_extra), bias=lc.bias,
+                        trainable_tokens=lc.trainable_tokens)
   except jaxlora.errors.JaxloraError as e:
     raise ConfigError(f"lora: {e}") from None
 

@@ -142,3 +142,8 @@ def test_check_output_dir(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=f"--out {f}/run: {f} is a file"):
     config_lib.check_output_dir(str(f / "run"), "--out")
   assert f.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["file.txt"]
+
+
+def test_remat_choices_are_the_models_policies():
+  field = {f.name: f for f in dataclasses.fields(config_lib.ModelSection)}["remat"]
+  assert set(field.metadata["choices"]) == {None} | set(jaxlora.models.decoder.REMAT_POLICIES)

@@ -178,11 +178,17 @@ def test_unsupported_and_broken_adapters(tmp_path):
   hf = BASES["llama"]().eval()
   hf.save_pretrained(str(tmp_path / "base"))
   model, params = jaxlora.models.from_pretrained(str(tmp_path / "base"))
+  # What jaxlora cannot compute is refused with PEFT's key named.
   pm = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base")),
-                           peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
-  pm.save_pretrained(str(tmp_path / "dora"))
-  with pytest.raises(ValueError, match="use_dora"):
-    jaxlora.peft.load(str(tmp_path / "dora"), params, model=model)
+                           peft.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
+  pm.save_pretrained(str(tmp_path / "lora_bias"))
+  with pytest.raises(ValueError, match="lora_bias"):
+    jaxlora.peft.load(str(tmp_path / "lora_bias"), params, model=model)
+  replicated = json.load(open(tmp_path / "lora_bias" / "adapter_config.json"))
+  replicated.update(lora_bias=False, layer_replication=[[0, 2], [1, 3]])
+  (tmp_path / "lora_bias" / "adapter_config.json").write_text(json.dumps(replicated))
+  with pytest.raises(ValueError, match="layer_replication"):
+    jaxlora.peft.load(str(tmp_path / "lora_bias"), params, model=model)
   with pytest.raises(FileNotFoundError, match="adapter_config.json"):
     jaxlora.peft.load(str(tmp_path / "base"), params, model=model)
   # An adapter for another model names the mismatching tensor.

@@ -412,6 +412,11 @@ def validate(cfg: Config) -> None:
     section, _, leaf = name.rpartition(".")
     owner = getattr(cfg, section) if section else cfg
     setattr(owner, leaf, _check(name, getattr(owner, leaf), f.metadata))
+  from jaxlora import initialisation  # pylint: disable=import-outside-toplevel
+  try:
+    initialisation.check(cfg.lora.init)
+  except errors.JaxloraError as e:
+    raise ConfigError(f"config key 'lora.init': {e}") from None
   if cfg.data.adapter_field is not None and cfg.data.packing:
     raise ConfigError(f"config keys 'data.adapter_field'={cfg.data.adapter_field!r} and "
                       "'data.packing'=true cannot be combined: a packed row would mix "

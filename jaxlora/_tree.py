@@ -17,6 +17,13 @@ TOKEN_IDS_KEY = "lora_token_ids"
 TOKEN_ROWS_KEY = "lora_token_rows"
 # Markers, frozen int8 zeros shaped like the module's stacked axes: the module's own
 # leaves train in full (modules_to_save), or its `bias` trains (bias='all'/'lora_only').
+# PiSSA/OLoRA: the factors (and scale) the base kernel's residual was split off with, frozen.
+# With them an adapter checkpoint rebuilds the residual from the original base, and
+# `jaxlora.peft.convert_to_lora` needs nothing else.
+INIT_A_KEY = "lora_init_a"
+INIT_B_KEY = "lora_init_b"
+INIT_SCALE_KEY = "lora_init_scale"
+INIT_KEYS = (INIT_A_KEY, INIT_B_KEY, INIT_SCALE_KEY)
 EXTRA_KEY = "lora_extra"
 BIAS_KEY = "lora_bias"
 MARKER_KEYS = (EXTRA_KEY, BIAS_KEY)
@@ -24,7 +31,7 @@ LORA_KEYS = (A_KEY, B_KEY, SCALE_KEY)  # every adapted kernel has these three
 # The leaves an adapter adds to a module (all saved with it); the first group trains.
 TRAINABLE_KEYS = (A_KEY, B_KEY, MAGNITUDE_KEY, TOKEN_ROWS_KEY)
 ADAPTER_KEYS = (A_KEY, B_KEY, SCALE_KEY, MAGNITUDE_KEY, TOKEN_IDS_KEY, TOKEN_ROWS_KEY,
-                EXTRA_KEY, BIAS_KEY)
+                EXTRA_KEY, BIAS_KEY) + INIT_KEYS
 KERNEL_KEY = "kernel"
 BIAS_LEAF = "bias"
 

@@ -17,6 +17,7 @@ from etils import epath
 from jaxlora import _files
 from jaxlora import _multihost
 from jaxlora import _tree
+from jaxlora import initialisation
 from jaxlora import kernel_layout as layout_lib
 from jaxlora import sharding as sharding_lib
 from jaxlora import transform
@@ -243,7 +244,9 @@ def load(path: str, base_params: Any, *, shardings: Any = None) -> Any:
   except Exception as e:  # Orbax raises many types; say which file and why
     raise CheckpointError(f"Could not read the adapter arrays in {arrays_dir}: "
                           f"{type(e).__name__}: {e}") from e
-  return _tree.with_params(base_params, _tree.overlay(p, restored))
+  # PiSSA/OLoRA adapters were trained on a residual base: rebuild it from the original one.
+  return _tree.with_params(base_params,
+                           initialisation.rebuild_residuals(_tree.overlay(p, restored)))
 
 
 def _key_to_data(key: Any) -> Any:

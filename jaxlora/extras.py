@@ -133,3 +133,21 @@ def mark(params: Mapping, *, train_extra: Any = None, bias: str = "none",
         continue
       new.setdefault(path_t, {})[BIAS_KEY] = _marker(mod, _tree.join(path_t), layout)
   return _tree.overlay(params, _tree.nest(new))
+
+
+def refuse(params: Mapping, what: str) -> None:
+  """An `InputError` when `params` trains base leaves or sits on a PiSSA/OLoRA residual,
+  which `what` (a bank, a merge of adapters) cannot hold.
+
+  >>> refuse({"d": {"kernel": np.ones((2, 2))}}, "a bank")
+  """
+  reasons = ((EXTRA_KEY, "trains the module in full (train_extra)"),
+             (BIAS_KEY, "trains its bias (bias='all'/'lora_only')"),
+             (_tree.INIT_A_KEY, "sits on a PiSSA/OLoRA residual kernel; "
+                                "jaxlora.peft.convert_to_lora makes it a plain LoRA on the "
+                                "original base"))
+  for path_t, mod in _tree.iter_modules(params):
+    for key, why in reasons:
+      if key in mod:
+        raise InputError(f"'{_tree.join(path_t)}' {why}: {what} holds LoRA factors only. "
+                         "Use adapters wrapped without it.")

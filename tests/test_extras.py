@@ -184,3 +184,23 @@ def test_bad_input(base):
     jaxlora.wrap(params, rank=2, layout=model, bias="some")
   with pytest.raises(TypeError, match="train_extra"):
     jaxlora.wrap(params, rank=2, layout=model, train_extra=3)
+
+
+def test_banks_and_adapter_merges_refuse_fully_trained_leaves(base):
+  _, model, params = base
+  plain = jaxlora.wrap(params, rank=2, targets="q_proj", layout=model)
+  extra = jaxlora.wrap(params, rank=2, targets="q_proj", layout=model, bias="lora_only")
+  with pytest.raises(ValueError, match="q_proj' trains its bias.*a bank"):
+    jaxlora.stack({"a": plain, "b": extra})
+  with pytest.raises(ValueError, match="q_proj' trains its bias.*merge_adapters"):
+    jaxlora.merge_adapters([plain, extra], weights=[0.5, 0.5])
+
+
+def test_summary_counts_fully_trained_leaves_once(base):
+  _, model, params = base
+  plain = jaxlora.summary(jaxlora.wrap(params, rank=2, targets="q_proj", layout=model))
+  s = jaxlora.summary(jaxlora.wrap(params, rank=2, targets="q_proj", layout=model,
+                                   train_extra=r"^norm$", bias="lora_only"))
+  q_bias = params["layers"]["self_attn"]["q_proj"]["bias"].size
+  assert s.trainable == plain.trainable + params["norm"]["scale"].size + q_bias
+  assert s.total == plain.total

@@ -18,6 +18,18 @@ Peak memory of each training variant is the peak RSS (``ru_maxrss``) of a
 separate subprocess that builds the model and runs a few steps of that variant
 alone, so the peaks do not mix.
 
+With ``--dora`` the script compares DoRA with LoRA instead (same model, one
+invocation, variants alternating):
+
+  lora       as above (jaxlora, factored)
+  dora       jaxlora DoRA (``jaxlora.wrap(..., use_dora=True)``): the same step with
+             the magnitudes trained too; column norms computed factored per layer
+  peft-lora  Hugging Face PEFT LoRA on the PyTorch GPT-2 of the same shape
+             (``transformers.GPT2LMHeadModel``, dropout off), AdamW, same tokens
+  peft-dora  the same with ``use_dora=True``
+
+and prints DoRA's step-time and peak-memory ratios to LoRA for both libraries.
+
 The model: 12 pre-LN blocks (d=768, 12 heads, MLP 3072, GELU), learned
 positions, vocab 50257, blocks stacked with ``nn.scan``, attention as one fused
 ``qkv`` Dense (768 -> 2304) plus ``proj``, MLP ``fc`` and ``out``. The output
@@ -26,6 +38,7 @@ head is tied to the token embedding (as in GPT-2). float32 throughout.
 Usage:
   python benchmarks/step_time.py                         # full spec (slow on CPU)
   python benchmarks/step_time.py --layers 2 --seq 64 --reps 2   # smoke run
+  python benchmarks/step_time.py --dora                  # DoRA vs LoRA, jaxlora and PEFT
 """
 
 from __future__ import annotations
@@ -59,6 +72,7 @@ TARGETS = r"(qkv|proj|fc|out)$"
 RANK = 16
 TRAIN_VARIANTS = ("full", "lora", "merged", "floor")
 FWD_VARIANTS = ("fwd-base", "fwd-lora", "fwd-merged")
+DORA_VARIANTS = ("lora", "dora", "peft-lora", "peft-dora")
 
 
 # ----------------------------------------------------------------------------- model
@@ -121,11 +135,8 @@ def build(args):
   x, y = tokens[:, :-1], tokens[:, 1:]
   params = jax.jit(model.init)(jax.random.key(0), x)["params"]
   lay = jaxlora.trace_layout(model.apply, {"params": params}, x)
-  wrapped = jaxlora.wrap(params, rank=RANK, targets=TARGETS, layout=lay, key=jax.random.key(1))
-  # Non-zero B so that the LoRA term is really computed and merge changes the kernels.
-  wrapped = jax.tree_util.tree_map_with_path(
-      lambda p, v: (0.01 * jax.random.normal(jax.random.key(2), v.shape, v.dtype)
-                    if getattr(p[-1], "key", None) == "lora_b" else v), wrapped)
+  wrapped = _with_b(jaxlora.wrap(params, rank=RANK, targets=TARGETS, layout=lay,
+                                 key=jax.random.key(1)))
   trainable, frozen = jaxlora.split(wrapped)
   tx = optax.adamw(1e-4)
   lora_apply = jaxlora.apply(model.apply)
@@ -183,7 +194,12 @@ def build(args):
       "merged": (jit_t(merged_step), lambda: [_copy(trainable), tx.init(trainable)], (frozen,)),
       "floor": (jit_t(floor_step), lambda: [_copy(ln_t), tx.init(ln_t)], (ln_f,)),
   }
-  if args.memory_child:
+  if args.dora or args.memory_child == "dora":
+    # DoRA: the same step on a DoRA-wrapped tree (same A and B; magnitudes trained too).
+    dora_t, dora_f = jaxlora.split(_with_b(jaxlora.wrap(
+        params, rank=RANK, targets=TARGETS, layout=lay, key=jax.random.key(1), use_dora=True)))
+    steps["dora"] = (jit_t(lora_step), lambda: [_copy(dora_t), tx.init(dora_t)], (dora_f,))
+  if args.memory_child or args.dora:
     return steps, None, (x, y)
   merged_params = jax.jit(jaxlora.merge)(wrapped)
   fwd_base = jax.jit(lambda p, x: model.apply({"params": p}, x))
@@ -194,6 +210,51 @@ def build(args):
       "fwd-merged": (fwd_base, merged_params),
   }
   return steps, fwds, (x, y)
+
+
+def _with_b(wrapped):
+  """Non-zero B so that the LoRA term is really computed and merge changes the kernels."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, v: (0.01 * jax.random.normal(jax.random.key(2), v.shape, v.dtype)
+                    if getattr(p[-1], "key", None) == "lora_b" else v), wrapped)
+
+
+class PeftRunner:
+  """One PEFT training variant on the PyTorch GPT-2 of the same shape; `step()` as `Runner`."""
+
+  def __init__(self, args, use_dora: bool):
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+    import peft  # pylint: disable=import-outside-toplevel
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=D_MODEL, n_layer=args.layers, n_head=HEADS, n_inner=D_MLP,
+        n_positions=max(args.seq, 1024), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        activation_function="gelu", tie_word_embeddings=True)
+    hf = transformers.GPT2LMHeadModel(cfg)
+    # c_attn = qkv, attn.c_proj = proj, c_fc = fc, mlp.c_proj = out: the jaxlora targets.
+    lcfg = peft.LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, use_dora=use_dora,
+                           target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    self.model = peft.get_peft_model(hf, lcfg).train()
+    with torch.no_grad():  # non-zero B, as for jaxlora
+      for n, prm in self.model.named_parameters():
+        if "lora_B" in n:
+          prm.normal_(0.0, 0.01)
+    self.params = [prm for prm in self.model.parameters() if prm.requires_grad]
+    self.opt = torch.optim.AdamW(self.params, lr=1e-4)
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (args.batch, args.seq + 1))
+    self.x = torch.tensor(tokens[:, :-1])
+    self.y = torch.tensor(tokens[:, 1:])
+    self.torch = torch
+
+  def step(self) -> float:
+    t0 = time.perf_counter()
+    logits = self.model(input_ids=self.x).logits
+    loss = self.torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), self.y.reshape(-1))
+    loss.backward()
+    self.opt.step()
+    self.opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
 
 
 def _unflat(flat):
@@ -231,10 +292,13 @@ class Runner:
 def peak_rss_child(args):
   """Runs in a subprocess: a few steps of one variant, prints the peak RSS in bytes."""
   start_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  steps, _, data = build(args)
-  fn, init, frozen = steps[args.memory_child]
-  del steps
-  r = Runner(fn, init, frozen, data)
+  if args.memory_child.startswith("peft-"):
+    r = PeftRunner(args, use_dora=args.memory_child == "peft-dora")
+  else:
+    steps, _, data = build(args)
+    fn, init, frozen = steps[args.memory_child]
+    del steps
+    r = Runner(fn, init, frozen, data)
   for _ in range(2):
     r.step()
   kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -242,9 +306,9 @@ def peak_rss_child(args):
                     "start_rss": start_kib * 1024}))
 
 
-def measure_peaks(args):
+def measure_peaks(args, variants=TRAIN_VARIANTS):
   peaks = {}
-  for v in TRAIN_VARIANTS:
+  for v in variants:
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", v,
            "--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -263,11 +327,15 @@ def main():
   ap.add_argument("--seq", type=int, default=256)
   ap.add_argument("--reps", type=int, default=5, help="timed repetitions per variant")
   ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
-  ap.add_argument("--memory-child", choices=TRAIN_VARIANTS, default=None,
-                  help=argparse.SUPPRESS)
+  ap.add_argument("--dora", action="store_true",
+                  help="compare DoRA with LoRA (jaxlora and PEFT) instead of the default variants")
+  ap.add_argument("--memory-child", choices=sorted(set(TRAIN_VARIANTS + DORA_VARIANTS)),
+                  default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.memory_child:
     return peak_rss_child(args)
+  if args.dora:
+    return dora_main(args)
 
   print(f"GPT-2-small-shaped decoder: layers={args.layers} d={D_MODEL} heads={HEADS} "
         f"mlp={D_MLP} vocab={VOCAB}, tied head, batch {args.batch} x {args.seq} tokens, "
@@ -332,6 +400,53 @@ def main():
   for k in FWD_VARIANTS:
     print(f"| {fnames[k]} | {med[k]:.3f} s | {med[k] / med['fwd-base']:.2f}x | "
           f"{low[k]:.3f} s ({low[k] / low['fwd-base']:.2f}x) |")
+  print()
+  print("all samples (s): " + json.dumps({k: [round(t, 4) for t in v] for k, v in times.items()}))
+
+
+def dora_main(args):
+  """``--dora``: DoRA against LoRA, jaxlora and PEFT, step time and peak memory."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import peft  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(os.cpu_count() or 1)
+  print(f"GPT-2-small-shaped decoder: layers={args.layers} d={D_MODEL} heads={HEADS} "
+        f"mlp={D_MLP} vocab={VOCAB}, tied head, batch {args.batch} x {args.seq} tokens, "
+        f"LoRA/DoRA r={RANK} on qkv/proj/fc/out, float32, adamw")
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), peft {peft.__version__}; {machine.cpu_model()}, "
+        f"{os.cpu_count()} CPUs, {machine.ram_gib():.0f} GiB RAM, "
+        f"Python {platform.python_version()}", flush=True)
+  peaks = None
+  if not args.no_memory:
+    print("peak memory (one subprocess per variant) ...", flush=True)
+    peaks = measure_peaks(args, DORA_VARIANTS)
+  steps, _, data = build(args)
+  timers = {k: Runner(*steps[k][:2], steps[k][2], data).step for k in ("lora", "dora")}
+  timers.update({k: PeftRunner(args, use_dora=k == "peft-dora").step
+                 for k in ("peft-lora", "peft-dora")})
+  print("compiling and warming up ...", flush=True)
+  for k, t in timers.items():
+    t0 = time.perf_counter()
+    t()
+    t()
+    print(f"  {k:10s} first two calls {time.perf_counter() - t0:6.1f} s", flush=True)
+  times = machine.alternate(timers, args.reps)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  low = {k: min(v) for k, v in times.items()}
+  print()
+  print("| variant | median time / step | min time | peak RSS |")
+  print("|---|---:|---:|---:|")
+  names = {"lora": "jaxlora LoRA", "dora": "jaxlora DoRA", "peft-lora": "PEFT LoRA (PyTorch)",
+           "peft-dora": "PEFT DoRA (PyTorch)"}
+  for k in DORA_VARIANTS:
+    mem = "-" if peaks is None else f"{peaks[k] / 2**30:.2f} GiB"
+    print(f"| {names[k]} | {med[k]:.3f} s | {low[k]:.3f} s | {mem} |")
+  print()
+  print("| DoRA / LoRA | step time (median) | step time (min) | peak RSS |")
+  print("|---|---:|---:|---:|")
+  for lib, (l, d) in (("jaxlora", ("lora", "dora")), ("PEFT", ("peft-lora", "peft-dora"))):
+    mem = "-" if peaks is None else f"{peaks[d] / peaks[l]:.2f}x"
+    print(f"| {lib} | {med[d] / med[l]:.2f}x | {low[d] / low[l]:.2f}x | {mem} |")
   print()
   print("all samples (s): " + json.dumps({k: [round(t, 4) for t in v] for k, v in times.items()}))
 

@@ -1,5 +1,6 @@
 """jaxlora: LoRA fine-tuning for JAX/Flax param trees."""
 
+from jaxlora import dora
 from jaxlora import errors
 from jaxlora import model_api
 from jaxlora import models
@@ -13,7 +14,7 @@ from jaxlora.forward import apply
 from jaxlora.generation import generate
 # `layout` is the deprecated name of `trace_layout`, kept for one release.
 from jaxlora.kernel_layout import KernelLayout, Layout, layout, trace_layout
-from jaxlora.optim import optimizer
+from jaxlora.optim import loraplus, optimizer
 from jaxlora.quantization import QuantizedArray, dequantize, quantize
 from jaxlora.transform import (LayerSummary, Summary, adapter, combine, merge, split, summary,
                                unmerge, wrap)
@@ -33,10 +34,12 @@ __all__ = [
     "bank_set",
     "combine",
     "dequantize",
+    "dora",
     "errors",
     "generate",
     "layout",
     "load",
+    "loraplus",
     "merge",
     "merge_adapters",
     "model_api",

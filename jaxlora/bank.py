@@ -26,6 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import _tree
+from jaxlora import dora
+from jaxlora import extras
+from jaxlora import tokens
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
 from jaxlora.errors import InputError, InputTypeError
 
@@ -92,6 +95,9 @@ def _adapted(tree: PyTree, name: str) -> dict[str, Mapping]:
   mods = {_tree.join(p): m for p, m in _tree.adapter_modules(params)}
   if not mods:
     raise InputError(f"adapter {name!r} holds no LoRA leaves; pass trees from jaxlora.wrap.")
+  dora.refuse(_tree.adapter_modules(params), f"a bank (adapter {name!r})")
+  tokens.refuse(params, f"a bank (adapter {name!r})")
+  extras.refuse(params, f"a bank (adapter {name!r})")
   return mods
 
 

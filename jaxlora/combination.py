@@ -46,7 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import _tree
+from jaxlora import dora
+from jaxlora import extras
 from jaxlora import kernel_layout as layout_lib
+from jaxlora import tokens
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
 from jaxlora.errors import InputError, InputTypeError
 
@@ -266,6 +269,9 @@ def _matched_modules(names: list[str], params: list[Mapping], *,
     if not mods:
       raise InputError(f"{name} holds no adapter (no 'lora_a' leaves); pass trees returned by "
                        "jaxlora.wrap or jaxlora.peft.load, as a list or a {name: tree} dict.")
+    dora.refuse(mods.items(), f"merge_adapters ({name})")
+    tokens.refuse(p, f"merge_adapters ({name})")
+    extras.refuse(p, f"merge_adapters ({name})")
     per_tree.append(mods)
   first = per_tree[0]
   for name, mods in zip(names[1:], per_tree[1:]):

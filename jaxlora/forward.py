@@ -20,9 +20,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxlora import _tree
+from jaxlora import dora
 from jaxlora import kernel_layout as layout_lib
 from jaxlora import quantization
-from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
+from jaxlora import tokens
+from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, MAGNITUDE_KEY, SCALE_KEY
 from jaxlora.errors import InputError, InputTypeError
 
 
@@ -137,6 +139,22 @@ def _handler(module):
   return None
 
 
+# (layer kind, method) -> function computing the whole call, for adapters that replace part of
+# a layer's result instead of adding a term: trained token rows of an nn.Embed table, read by
+# its lookup and by a tied output head (`attend`).
+_METHOD_HANDLERS: dict[tuple[type, str], Callable[..., jax.Array]] = {
+    (nn.Embed, "__call__"): tokens.lookup,
+    (nn.Embed, "attend"): tokens.attend,
+}
+
+
+def _method_handler(module, method_name):
+  for cls in type(module).__mro__:
+    if (cls, method_name) in _METHOD_HANDLERS:
+      return _METHOD_HANDLERS[cls, method_name]
+  return None
+
+
 def _quantized_call(module, args, kwargs):
   """The layer computed by its own linen code on the dequantized kernel.
 
@@ -208,6 +226,9 @@ def _row_term(module, x, a, b, scale, ids):
 def _make_interceptor(dropout: float, reached: set[str], adapter_ids=None):
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
+    whole = _method_handler(module, context.method_name)
+    if whole is not None:
+      return whole(module, next_fun, args, kwargs, reached)
     handler = _handler(module) if context.method_name == "__call__" else None
     if handler is None:
       return next_fun(*args, **kwargs)
@@ -225,9 +246,14 @@ def _make_interceptor(dropout: float, reached: set[str], adapter_ids=None):
     b = module.get_variable("params", B_KEY).astype(dt)
     scale = jnp.asarray(module.get_variable("params", SCALE_KEY)).astype(dt)
     x = jnp.asarray(x).astype(dt)
-    if dropout > 0.0 and module.scope.has_rng("dropout"):
+    dropped = dropout > 0.0 and module.scope.has_rng("dropout")
+    if dropped:
       keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
+    if module.has_variable("params", MAGNITUDE_KEY):  # DoRA (jaxlora/dora.py)
+      return dora.output(module, args, kwargs, y, x, a, b, scale,
+                         lambda xd: handler(module, args, kwargs, xd, a, b, scale),
+                         dropped=dropped, adapter_ids=adapter_ids)
     if scale.ndim == 1:  # a bank: one scale per adapter (stacked layer axes are sliced off)
       if adapter_ids is None:
         raise InputError(f"'{_tree.join(module.path)}' holds an adapter bank of "
@@ -297,12 +323,14 @@ def apply(apply_fn: Callable[..., Any], *, dropout: float = 0.0,
     variables = args[0] if args else kwargs.get("variables")
     if check_reached and "method" not in kwargs and isinstance(variables, Mapping):
       params = variables.get("params", {})
-      have = {_tree.join(p) for p, _ in _tree.adapter_modules(params)}
+      mods = _tree.adapter_modules(params) + tokens.token_modules(params)
+      have = {_tree.join(p) for p, _ in mods}
       missed = sorted(have - reached)
       if missed:
         raise InputError(
             f"Adapters at {missed[:5]} were never reached: no nn.Dense, nn.DenseGeneral or "
-            "nn.Einsum call used them (a custom layer doing its own matmul?). Exclude them "
+            "nn.Einsum call (nn.Embed, for trained tokens) used them (a custom layer doing its "
+            "own matmul or lookup?). Exclude them "
             "when wrapping, or run the model on `jaxlora.merge(tree)` (merge on the fly), "
             "which works for any layer. Pass check_reached=False to skip this check.")
     return out

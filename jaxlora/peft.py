@@ -22,23 +22,31 @@ import numpy as np
 from jaxlora import _files
 from jaxlora import _multihost
 from jaxlora import _tree
+from jaxlora import initialisation
+from jaxlora import dora
 from jaxlora import model_api
 from jaxlora import safetensors_io
-from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
+from jaxlora import tokens
+from jaxlora._tree import (A_KEY, B_KEY, BIAS_KEY, EXTRA_KEY, KERNEL_KEY, MAGNITUDE_KEY,
+                            SCALE_KEY)
 from jaxlora.errors import InputError, NotFoundError
+# PiSSA/OLoRA-trained adapters to plain LoRA on the original base (see jaxlora.initialisation).
+from jaxlora.initialisation import convert_to_lora, original_base  # pylint: disable=unused-import
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 # PEFT options that change what an adapter computes; refused rather than ignored.
-_UNSUPPORTED = ("use_dora", "modules_to_save", "lora_bias", "target_parameters",
-                "layer_replication", "use_qalora", "trainable_token_indices",
-                "alora_invocation_tokens", "use_bdlora", "megatron_config", "arrow_config")
+_UNSUPPORTED = ("lora_bias", "target_parameters",
+                "layer_replication", "use_qalora",
+                "alora_invocation_tokens", "use_bdlora", "megatron_config", "arrow_config",
+                "monteclora_config", "kasa_config")
 
 
 def save(path: str, tree: Any, *, model: model_api.HubNames,
          base_model_name_or_path: str | None = None,
-         use_rslora: bool = False, dtype: Any = None) -> None:
+         use_rslora: bool = False, dtype: Any = None,
+         init_lora_weights: bool | str = True) -> None:
   """Writes the adapter of `tree` as a PEFT LoRA adapter directory.
 
   Per-layer ranks and scales become PEFT's ``rank_pattern``/``alpha_pattern``
@@ -58,6 +66,15 @@ def save(path: str, tree: Any, *, model: model_api.HubNames,
     base_model_name_or_path: recorded in the config (e.g. a hub id or local path).
     use_rslora: express scales as rsLoRA alphas (``alpha = scale * sqrt(r)``).
     dtype: tensor dtype on disk (default: the adapter's).
+    init_lora_weights: the config's ``init_lora_weights``. ``True`` (default):
+      the adapter applies to the original base; a tree wrapped with PiSSA or
+      OLoRA (which keeps its initial factors) is written as `convert_to_lora`
+      makes it, a plain LoRA of rank ``r + r0``. ``'pissa'``, ``'pissa_niter_K'`` or ``'olora'`` (the
+      ``init`` the tree was wrapped with): the adapter is served on the ORIGINAL
+      base, from which PEFT (and `load`) rebuild that scheme's residual when
+      loading, as for PEFT's own PiSSA/OLoRA adapters (``'pissa_niter_K'``
+      rebuilds it from a new random draw, so only approximately). For an
+      adapter that needs no residual, see `convert_to_lora`.
 
   >>> import tempfile, os, jax, jaxlora
   >>> cfg = jaxlora.models.ModelConfig.tiny("llama")
@@ -70,7 +87,11 @@ def save(path: str, tree: Any, *, model: model_api.HubNames,
   ['adapter_config.json', 'adapter_model.safetensors']
   """
   model_api.require(model, model_api.HubNames, "jaxlora.peft.save")
+  init_lora_weights = initialisation.peft_init_value(init_lora_weights)
   p = _tree.get_params(tree)
+  if init_lora_weights is True and initialisation.initial_adapter(p) is not None:
+    # A PiSSA/OLoRA tree: serve it on the original base as a plain LoRA of rank r + r0.
+    p = _tree.overlay(_tree.base_leaves(p, prune=False), convert_to_lora(p))
   mods = _tree.adapter_modules(p)
   if not mods:
     raise InputError("The tree holds no adapter; wrap the params with jaxlora.wrap first.")
@@ -86,6 +107,7 @@ def save(path: str, tree: Any, *, model: model_api.HubNames,
     s = _multihost.host_value(mod[SCALE_KEY]).astype(np.float64)
     if dtype is not None:
       a, b = a.astype(dtype), b.astype(dtype)
+    mag = _dora_host(mod, dtype)
     stacked = s.ndim == 1
     if a.ndim != 2 + s.ndim or b.ndim != 2 + s.ndim:
       raise InputError(f"Adapter at '{_tree.join(path_t)}' has lora_a {a.shape}: the PEFT format "
@@ -97,12 +119,18 @@ def save(path: str, tree: Any, *, model: model_api.HubNames,
       r = ai.shape[-1]
       tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(ai.T)
       tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(bi.T)
+      if mag is not None:
+        tensors[f"{_PREFIX}{name}.{_DORA_NAME}"] = np.ascontiguousarray(mag[i] if stacked else mag)
       ranks[name] = r
       alphas[name] = si * (math.sqrt(r) if use_rslora else r)
     leaf_names.add(path_t[-1])
     adapted.add(path_t)
     if stacked:
       stacked_paths.add(path_t)
+
+  saved_modules = _save_full_leaves(p, model, tensors, dtype)
+  token_tensors, token_indices = tokens.peft_export(p, model, dtype)  # trained token rows
+  tensors.update(token_tensors)
 
   r0 = collections.Counter(ranks.values()).most_common(1)[0][0]
   alpha0 = collections.Counter(alphas.values()).most_common(1)[0][0]
@@ -122,14 +150,196 @@ def save(path: str, tree: Any, *, model: model_api.HubNames,
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(r0),
       "lora_alpha": _num(alpha0), "target_modules": target_modules,
       "rank_pattern": rank_pattern, "alpha_pattern": {k: _num(v) for k, v in alpha_pattern.items()},
-      "use_rslora": bool(use_rslora), "fan_in_fan_out": bool(model.fan_in_fan_out), "bias": "none",
-      "lora_dropout": 0.0, "use_dora": False, "init_lora_weights": True,
-      "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+      "use_rslora": bool(use_rslora), "fan_in_fan_out": bool(model.fan_in_fan_out),
+      "bias": _bias_mode(p),
+      "lora_dropout": 0.0, "use_dora": _uses_dora(mods),
+      "init_lora_weights": init_lora_weights,
+      "modules_to_save": saved_modules or None, "layers_to_transform": None,
+      "layers_pattern": None,
       "inference_mode": True, "base_model_name_or_path": base_model_name_or_path,
+      "trainable_token_indices": token_indices,
   }
   if _multihost.is_writer():
     _write(os.fspath(path), tensors, config)
   _multihost.barrier("jaxlora.peft.save: done")
+
+
+def _full_leaves(p: Mapping):
+  """``(module path, leaf key, value, stacked axes, 'extra' | 'bias')`` of every base leaf
+  that trains in full (`jaxlora.wrap`'s ``train_extra`` and ``bias``)."""
+  out = []
+
+  def walk(mod, path_t, extra_ndim):
+    if EXTRA_KEY in mod and extra_ndim is None:
+      extra_ndim = np.ndim(mod[EXTRA_KEY])
+    for k, v in sorted(mod.items()):
+      if isinstance(v, Mapping):
+        walk(v, path_t + (k,), extra_ndim)
+      elif not _tree.is_adapter_key(k):
+        if extra_ndim is not None:
+          out.append((path_t, k, v, extra_ndim, "extra"))
+        elif k == _tree.BIAS_LEAF and BIAS_KEY in mod:
+          out.append((path_t, k, v, np.ndim(mod[BIAS_KEY]), "bias"))
+
+  walk(p, (), None)
+  return out
+
+
+def _torch_name(model: model_api.HubNames, path_t: tuple[str, ...], key: str,
+                layer: int | None, lora_module: bool) -> str:
+  name = model.hf_module_name(path_t, layer)
+  if key == _tree.BIAS_LEAF:  # PEFT keeps an adapted layer's own weights under `base_layer`
+    return f"{name}.base_layer.bias" if lora_module else f"{name}.bias"
+  return f"{name}.weight"
+
+
+def _save_full_leaves(p: Mapping, model: model_api.HubNames, tensors: dict[str, np.ndarray],
+                      dtype: Any) -> list[str]:
+  """Adds the fully trained leaves to `tensors`; returns PEFT's ``modules_to_save`` names."""
+  saved: set[str] = set()
+  for path_t, key, value, n_stack, kind in _full_leaves(p):
+    arr = _multihost.host_value(value)
+    if dtype is not None:
+      arr = arr.astype(dtype)
+    if n_stack > 1:
+      raise InputError(f"'{_tree.join(path_t + (key,))}' has {n_stack} stacked axes; the PEFT "
+                       "format holds one layer axis at most.")
+    is_lora = A_KEY in _tree.lookup(p, path_t)
+    transpose = key == KERNEL_KEY and not model.fan_in_fan_out
+    for i in (range(arr.shape[0]) if n_stack else [None]):
+      one = arr if i is None else arr[i]
+      if one.ndim > 2 or (key == KERNEL_KEY and one.ndim != 2):
+        raise InputError(f"'{_tree.join(path_t + (key,))}' {one.shape}: the PEFT format holds "
+                         "PyTorch Linear, Embedding and norm weights only.")
+      tensors[_PREFIX + _torch_name(model, path_t, key, i, is_lora)] = np.ascontiguousarray(
+          one.T if transpose else one)
+      if kind == "extra":
+        saved.add(model.hf_module_name(path_t, i))
+  return sorted(saved)
+
+
+def _bias_mode(p: Mapping) -> str:
+  marked = [m for _, m in _tree.iter_modules(p) if BIAS_KEY in m]
+  if not marked:
+    return "none"
+  every = all(BIAS_KEY in m or EXTRA_KEY in m for _, m in _tree.iter_modules(p)
+              if isinstance(m.get(_tree.BIAS_LEAF), (jax.Array, np.ndarray)))
+  return "all" if every and any(A_KEY not in m for m in marked) else "lora_only"
+
+
+_FULL_KEY = re.compile(r"(?:base_model\.model\.)?(.+?)(\.base_layer)?\.(weight|bias)")
+
+
+def _load_full_leaves(path: str, weights: dict[str, np.ndarray], pc: Mapping, p: Mapping,
+                      model: model_api.HubNames) -> dict:
+  """The base leaves a PEFT adapter trains in full (``modules_to_save``, ``bias``), as a
+  nested dict of new leaves and markers; their tensors are taken out of `weights`."""
+  saved = pc.get("modules_to_save") or []
+  if isinstance(saved, str):
+    saved = [saved]
+  found: dict[tuple[tuple[str, ...], str], dict[int | None, np.ndarray]] = {}
+  kinds: dict[tuple[str, ...], str] = {}
+  for key in list(weights):
+    m = _FULL_KEY.fullmatch(key)
+    if m is None or re.search(r"(^|\.)(lora_[A-Za-z_]+|token_adapter)(\.|$)", m.group(1)):
+      continue  # a LoRA factor or another adapter tensor
+    name, under_lora, which = m.groups()
+    module_path, layer = model.flax_module_path(name)
+    node = _tree.lookup(p, module_path, None)
+    if not isinstance(node, Mapping):
+      raise InputError(f"{path}: tensor {key!r} belongs to {name!r}, which the model "
+                       f"({type(model).__name__}) does not have.")
+    extra = any(name == t or name.endswith("." + t) or name.endswith(t) for t in saved)
+    if which == "bias":
+      leaf = _tree.BIAS_LEAF
+    else:
+      leaf = next((k for k in (KERNEL_KEY, "embedding", "scale") if k in node), "")
+      if not leaf or not extra:
+        raise InputError(f"{path}: tensor {key!r} is a full weight of {name!r}, which the config's "
+                         f"modules_to_save {saved} does not name.")
+    if under_lora and pc.get("bias", "none") == "none":
+      raise InputError(f"{path}: tensor {key!r} is a trained bias but the config says "
+                       "bias='none'.")
+    kinds[module_path] = "extra" if extra else kinds.get(module_path, "bias")
+    found.setdefault((module_path, leaf), {})[layer] = weights.pop(key)
+  out: dict[tuple[str, ...], dict[str, Any]] = {}
+  for (module_path, leaf), per_layer in found.items():
+    node = _tree.lookup(p, module_path)
+    base = node.get(leaf)
+    if base is None:
+      raise InputError(f"{path}: the adapter trains '{_tree.join(module_path + (leaf,))}', which "
+                       "the base params lack.")
+    stacked = None not in per_layer
+    value = np.array(jax.device_get(base), dtype=np.float32) if stacked else None
+    for layer, arr in per_layer.items():
+      arr = np.asarray(arr, np.float32)
+      if leaf == KERNEL_KEY and not model.fan_in_fan_out:
+        arr = arr.T
+      want = tuple(np.shape(base))[1:] if stacked else tuple(np.shape(base))
+      if arr.shape != want:
+        raise InputError(f"{path}: '{model.hf_module_name(module_path, layer)}' {leaf} has shape "
+                         f"{arr.shape}; the base needs {want}. Is this adapter for this model?")
+      if stacked:
+        value[layer] = arr
+      else:
+        value = arr
+    marker_shape = tuple(np.shape(base))[:1] if stacked else ()
+    marker = EXTRA_KEY if kinds[module_path] == "extra" else BIAS_KEY
+    entry = out.setdefault(module_path, {})
+    entry[leaf] = jnp.asarray(value, jnp.asarray(base).dtype)
+    entry[marker] = jnp.zeros(marker_shape, jnp.int8)
+  return _tree.nest(out)
+
+
+# ------------------------------------------------------------------------------ DoRA
+
+_DORA_NAME = "lora_magnitude_vector"  # PEFT's key for the magnitude; no `.weight` on disk
+
+
+def _uses_dora(mods: list) -> bool:
+  """PEFT's ``use_dora``; PEFT applies it to every adapted layer, so all or none must be DoRA."""
+  dora = [_tree.join(pt) for pt, m in mods if MAGNITUDE_KEY in m]
+  plain = [_tree.join(pt) for pt, m in mods if MAGNITUDE_KEY not in m]
+  if dora and plain:
+    raise InputError(f"'{dora[0]}' is a DoRA layer but '{plain[0]}' is not; a PEFT adapter has "
+                     "one use_dora for all its layers. Wrap every layer with use_dora=True, or "
+                     "none.")
+  return bool(dora)
+
+
+def _dora_host(mod: Mapping, dtype: Any) -> np.ndarray | None:
+  """The magnitude of a DoRA module on the host (``(*stacked, out)``), else None."""
+  if MAGNITUDE_KEY not in mod:
+    return None
+  mag = _multihost.host_value(mod[MAGNITUDE_KEY])
+  return mag.astype(dtype) if dtype is not None else mag
+
+
+def _dora_load(path: str, pc: Mapping, mod: dict, per_layer: Mapping, dtype: Any) -> None:
+  """Adds the magnitude read from the file to a module that `load` built (DoRA configs)."""
+  has = [f["name"] for f in per_layer.values() if "m" in f]
+  if not pc.get("use_dora"):
+    if has:
+      raise InputError(f"{path}: {has[0]!r} has a DoRA magnitude ({_DORA_NAME}) but the config "
+                       "says use_dora=false.")
+    return
+  lacks = [f["name"] for f in per_layer.values() if "m" not in f]
+  if lacks:
+    raise InputError(f"{path}: the config says use_dora=true but {lacks[0]!r} has no "
+                     f"{_DORA_NAME}; the adapter is incomplete.")
+  kernel = mod[KERNEL_KEY]
+  stacked = np.ndim(mod[SCALE_KEY]) == 1
+  roles = (("stack",) if stacked else ()) + ("in", "out")
+  # Layers of a stack the file leaves out get their own norm: a factor of one, the base.
+  mag = np.array(dora.magnitude(kernel, mod[A_KEY], mod[B_KEY], mod[SCALE_KEY], roles,
+                                jnp.float32))
+  for layer, f in per_layer.items():
+    value = np.asarray(f["m"], np.float32)
+    if value.shape != (kernel.shape[-1],):
+      raise InputError(f"{path}: {f['name']!r} has a {_DORA_NAME} of shape {f['m'].shape}; the "
+                       f"base kernel needs ({kernel.shape[-1]},).")
+    mag[(layer,) if stacked else ()] = value
+  mod[MAGNITUDE_KEY] = jnp.asarray(mag, dtype)
 
 
 def _write(path: str, tensors: dict[str, np.ndarray], config: dict) -> None:
@@ -187,10 +397,16 @@ def load(path: str, base_params: Any, *, model: model_api.HubNames,
   Returns:
     The wrapped tree. Layers of a stack that the adapter leaves out get zero
     factors; differing ranks within a stack are zero-padded (both exact).
+    A DoRA adapter (``use_dora``) gets ``lora_magnitude`` from the file's
+    ``lora_magnitude_vector`` tensors (left-out layers of a stack: the norms of
+    their base kernels, so they compute the base). With ``init_lora_weights``
+    ``'pissa'``, ``'pissa_niter_K'`` or ``'olora'`` the adapted kernels become
+    that scheme's residual of `base_params` (the original base), as PEFT
+    does when it loads such an adapter.
 
   Raises:
-    ValueError: unsupported PEFT options (DoRA, modules_to_save, ...), unknown
-      keys, or shapes that do not fit the base.
+    ValueError: unsupported PEFT options (lora_bias, layer_replication, ...),
+      unknown keys, or shapes that do not fit the base.
 
   >>> import tempfile, jax, jaxlora
   >>> cfg = jaxlora.models.ModelConfig.tiny("llama")
@@ -215,24 +431,29 @@ def load(path: str, base_params: Any, *, model: model_api.HubNames,
   if pc.get("peft_type", "LORA") != "LORA":
     raise InputError(f"{cfg_path}: peft_type {pc.get('peft_type')!r}; only LORA adapters load.")
   bad = [k for k in _UNSUPPORTED if pc.get(k) not in (None, False, {}, [], "")]
-  if pc.get("bias", "none") != "none":
+  if pc.get("bias", "none") not in ("none", "all", "lora_only"):
     bad.append(f"bias={pc['bias']!r}")
   if bad:
     raise InputError(f"{cfg_path} uses PEFT options jaxlora does not implement: {bad}. "
                      "Loading it without them would compute a different model.")
+  init = initialisation.peft_load_init(pc.get("init_lora_weights", True), cfg_path)
   p = _tree.get_params(base_params)
   if _tree.adapter_modules(p):
     raise InputError("`base_params` already hold an adapter; pass the unwrapped base params.")
   weights = _read_weights(path)
+  full = _load_full_leaves(path, weights, pc, p, model)  # takes its tensors out of `weights`
   use_rslora = bool(pc.get("use_rslora", False))
   # module path -> layer (None when not stacked) -> {"A": array, "B": array, "name": hf name}
   factors: dict[tuple[str, ...], dict[int | None, dict[str, Any]]] = {}
   for key, value in weights.items():
-    m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight", key)
+    if tokens.is_peft_key(key):  # trained token rows: read below
+      continue
+    m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(?:lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight"
+                     rf"|{_DORA_NAME}(?:\.[A-Za-z0-9_]+)?(?:\.weight)?)", key)
     if m is None:
-      raise InputError(f"{path}: tensor {key!r} is not a LoRA A/B weight; jaxlora loads plain "
-                       "LoRA adapters only (no DoRA magnitudes, embeddings or saved modules).")
-    name, which = m.groups()
+      raise InputError(f"{path}: tensor {key!r} is not a LoRA A/B weight or DoRA magnitude; "
+                       "jaxlora loads LoRA adapters (no embedding or other adapter tensors).")
+    name, which = m.group(1), m.group(2) or "m"
     module_path, layer = model.flax_module_path(name)
     factors.setdefault(module_path, {}).setdefault(layer, {})[which] = np.asarray(value)
     factors[module_path][layer]["name"] = name
@@ -277,5 +498,11 @@ def load(path: str, base_params: Any, *, model: model_api.HubNames,
     mod[A_KEY] = jnp.asarray(a, dtype)
     mod[B_KEY] = jnp.asarray(b, dtype)
     mod[SCALE_KEY] = jnp.asarray(s)
+    if initialisation.mutates_base(init):  # PEFT rebuilds the PiSSA/OLoRA residual on load
+      mod[KERNEL_KEY] = initialisation.peft_residual(init, kernel, {
+          l: (f["A"].shape[0], float(s[(l,) if stacked else ()])) for l, f in per_layer.items()})
+    _dora_load(path, pc, mod, per_layer, dtype)
     new[module_path] = mod
-  return _tree.with_params(base_params, _tree.replace_modules(p, new))
+  out = tokens.peft_import(path, pc.get("trainable_token_indices"), weights,
+                           _tree.replace_modules(p, new), model, dtype)
+  return _tree.with_params(base_params, _tree.overlay(out, full))

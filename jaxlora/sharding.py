@@ -16,7 +16,8 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionS
 from jaxlora import _tree
 from jaxlora import kernel_layout as layout_lib
 from jaxlora import model_api
-from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
+from jaxlora import tokens
+from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, MAGNITUDE_KEY, SCALE_KEY
 from jaxlora.errors import InputError
 
 
@@ -28,6 +29,8 @@ def _spec_for(kernel_spec: PartitionSpec | tuple, roles: tuple[str, ...],
     return PartitionSpec(*shared, *[s for s, r in zip(spec, roles) if r == layout_lib.IN], None)
   if which == B_KEY:
     return PartitionSpec(*shared, None, *[s for s, r in zip(spec, roles) if r == layout_lib.OUT])
+  if which == MAGNITUDE_KEY:  # DoRA: one value per output unit, sharded like them
+    return PartitionSpec(*shared, *[s for s, r in zip(spec, roles) if r == layout_lib.OUT])
   return PartitionSpec(*[s for s, r in zip(spec, roles) if r == layout_lib.STACK])
 
 
@@ -36,7 +39,8 @@ def adapter_shardings(tree: Any) -> Any:
 
   ``lora_a`` takes the kernel's stacked and input-axis shardings plus an
   unsharded rank axis; ``lora_b`` an unsharded rank axis plus the output-axis
-  shardings; ``lora_scale`` the stacked axes'. Kernels that are not
+  shardings; ``lora_scale`` the stacked axes'; a DoRA ``lora_magnitude`` the
+  stacked, batch and output axes' shardings. Kernels that are not
   `NamedSharding`-sharded give their own sharding (e.g. one device) to the
   adapter. Works on abstract trees whose kernels carry a ``sharding``.
 
@@ -64,14 +68,17 @@ def adapter_shardings(tree: Any) -> Any:
     roles = layout_lib.roles_from_shapes(_tree.join(path_t), kernel.shape, mod[A_KEY].shape,
                                          mod[B_KEY].shape, scale_ndim)
     out: dict[str, Any] = {}  # a NamedSharding each, or the kernel's own sharding
-    for k in _tree.LORA_KEYS:
+    for k in _tree.LORA_KEYS + ((MAGNITUDE_KEY,) if MAGNITUDE_KEY in mod else ()):
       if isinstance(sharding, NamedSharding):
         out[k] = NamedSharding(sharding.mesh, _spec_for(sharding.spec, roles, k))
       else:
         out[k] = sharding
     new[path_t] = out
+  new.update(tokens.shardings(p))  # trained token rows: the table's feature axis; ids replicated
   adapter_only = _tree.adapter_leaves(p)
-  result = _tree.replace_modules(adapter_only, new)
+  # Other saved leaves (trained base leaves, markers) keep their own sharding.
+  own = jax.tree.map(lambda x: getattr(x, "sharding", None), adapter_only)
+  result = _tree.overlay(own, _tree.nest(new))
   return _tree.with_params(tree, result) if _tree.is_variables(tree) else result
 
 
@@ -268,8 +275,8 @@ def tree_shardings(tree: Any, base_shardings: Any) -> Any:
   base_sh = jax.tree.map(lambda x, s: quantized_sharding(x, s) if is_quantized(x) else s,
                          base, base_sh, is_leaf=is_quantized)
   adapters = _tree.adapter_leaves(p)
-  abstract = _tree.merge_trees(with_sharding, adapters)
-  return _tree.merge_trees(base_sh, adapter_shardings(abstract))
+  abstract = _tree.overlay(adapters, with_sharding)  # trained base leaves: the base's sharding
+  return _tree.overlay(base_sh, adapter_shardings(abstract))
 
 
 def opt_state_shardings(tx: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:
@@ -294,9 +301,33 @@ def opt_state_shardings(tx: Any, params: Any, shardings: Any, mesh: Mesh) -> Any
   """
   state = jax.eval_shape(tx.init, params)
   replicated = NamedSharding(mesh, PartitionSpec())
-  return optax.tree_map_params(tx, lambda _, s: s, state, shardings,
-                               transform_non_params=lambda _: replicated,
-                               is_leaf=lambda x: isinstance(x, NamedSharding))
+  try:
+    return optax.tree_map_params(tx, lambda _, s: s, state, shardings,
+                                 transform_non_params=lambda _: replicated,
+                                 is_leaf=lambda x: isinstance(x, NamedSharding))
+  except (AttributeError, TypeError, ValueError):
+    # Label functions (optax.partition, jaxlora.loraplus) cannot run on optax's placeholder:
+    # match state leaves to params by the dict keys their paths end with, and their shape.
+    return _match_state_shardings(state, params, shardings, replicated)
+
+
+def _match_state_shardings(state: Any, params: Any, shardings: Any, replicated: Any) -> Any:
+  is_sh = lambda x: isinstance(x, jax.sharding.Sharding)
+  keys = lambda kp: tuple(getattr(k, "key", None) for k in kp)
+  by_path = {keys(kp): (tuple(np.shape(x)), s) for (kp, x), s in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0],
+      jax.tree.leaves(shardings, is_leaf=is_sh))}
+  longest = max((len(k) for k in by_path), default=0)
+
+  def pick(kp, leaf):
+    path = keys(kp)
+    for n in range(min(longest, len(path)), 0, -1):
+      found = by_path.get(path[-n:])
+      if found is not None and found[0] == tuple(np.shape(leaf)):
+        return found[1]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, state)
 
 
 def bytes_per_device(tree: Any, shardings: Any) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -13,11 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import _tree
+from jaxlora import dora
+from jaxlora import extras
 from jaxlora import initialisation
 from jaxlora import kernel_layout as layout_lib
 from jaxlora import model_api
 from jaxlora import targets as targets_lib
-from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
+from jaxlora import tokens
+from jaxlora._tree import (A_KEY, B_KEY, INIT_A_KEY, INIT_B_KEY, INIT_SCALE_KEY, KERNEL_KEY,
+                           MAGNITUDE_KEY, SCALE_KEY)
 from jaxlora.errors import InputError, InputTypeError
 
 PyTree = Any
@@ -64,7 +68,10 @@ def wrap(params: PyTree, *, key: jax.Array | None = None, rank: int = 16,
          rank_pattern: Mapping[str, int] | None = None,
          alpha_pattern: Mapping[str, float] | None = None,
          use_rslora: bool = False, init: str = "kaiming", dtype: Any = None,
-         layout: layout_lib.Layout | model_api.LayoutProvider | None = None) -> PyTree:
+         layout: layout_lib.Layout | model_api.LayoutProvider | None = None,
+         train_extra: str | Sequence[str] | None = None, bias: str = "none",
+         use_dora: bool = False,
+         trainable_tokens: tokens.TokenSelector | None = None) -> PyTree:
   """Adds LoRA factors beside the selected kernels of a Flax param tree.
 
   Each selected module dict gains ``lora_a`` (``(*stacked, *in_axes, r)``),
@@ -88,8 +95,20 @@ def wrap(params: PyTree, *, key: jax.Array | None = None, rank: int = 16,
     rank_pattern: ``{regex: rank}``; the first regex found in a path sets its rank.
     alpha_pattern: ``{regex: alpha}``, likewise (otherwise ``alpha``).
     use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
-    init: ``'kaiming'`` (PEFT's default: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)))
-      or ``'gaussian'`` (A ~ N(0, 1/r)).
+    init: as PEFT's ``init_lora_weights``. ``'kaiming'`` (PEFT's default:
+      A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B = 0) or ``'gaussian'`` (A ~ N(0,
+      std 1/r), B = 0) leave the kernel alone. ``'pissa'`` (full SVD),
+      ``'pissa_niter_K'`` (randomized SVD with K subspace iterations, drawn
+      from `key`, e.g. ``'pissa_niter_4'``) and ``'olora'`` (QR) put a rank-r
+      part of each kernel (per stacked layer) into A and B and replace the
+      kernel by the residual ``W - scale * A @ B``, so the wrapped model still
+      computes the base; a quantized kernel's residual is quantized again
+      (host side). The module keeps the initial factors and scale
+      (``lora_init_a``, ``lora_init_b``, ``lora_init_scale``, frozen), so an
+      adapter checkpoint loads onto the original base (`jaxlora.load` rebuilds
+      the residual) and `jaxlora.peft.save` writes an adapter for the original
+      base (`jaxlora.peft.convert_to_lora`). See `jaxlora.initialisation`. ``'loftq'`` is not
+      implemented.
     dtype: adapter dtype; default float32 for low-precision kernels, else the
       kernel's dtype.
     layout: the kernel layout, needed for kernels with more than two axes
@@ -99,6 +118,24 @@ def wrap(params: PyTree, *, key: jax.Array | None = None, rank: int = 16,
       ``model.lora_layout(params)``; `jaxlora.models.Decoder` and
       `jaxlora.model_api.LinenModel` do). Anything else is an
       `InputTypeError`.
+    train_extra: regex (or list of regexes) searched in '/'-joined module
+      paths: those whole modules (e.g. ``r'lm_head$'``, a classification head,
+      layer norms) train in full beside the adapters, as PEFT's
+      ``modules_to_save``. They get a frozen marker leaf (``lora_extra``);
+      `split`, `optimizer`, `adapter` and the checkpoints include their leaves.
+    bias: ``'none'`` (default), ``'all'`` (every ``bias`` leaf of the model
+      trains) or ``'lora_only'`` (the biases of the adapted modules), as PEFT's
+      ``bias``; marked with a ``lora_bias`` leaf.
+    use_dora: DoRA (weight-decomposed LoRA, as PEFT's ``use_dora``): each
+      adapted module also gets ``lora_magnitude``, a trainable magnitude per
+      output unit ``(*stacked, *batch, *out_axes)`` in the adapter dtype,
+      initialised to the norms of ``W + scale*A@B`` over the input axes
+      (see `jaxlora.dora`).
+    trainable_tokens: token ids whose embedding rows train on their own, as
+      PEFT's ``trainable_token_indices``: a list (the input embedding; a tied
+      output head reads the same rows) or ``{module path regex: ids}``. The
+      table's module gains ``lora_token_ids`` (frozen) and ``lora_token_rows``
+      (``E[ids]`` in the adapter dtype, trained); see `jaxlora.tokens`.
 
   Returns:
     A new tree of the same form with the adapter leaves added.
@@ -119,6 +156,7 @@ def wrap(params: PyTree, *, key: jax.Array | None = None, rank: int = 16,
   """
   rank = _check_rank(rank, "`rank`")
   initialisation.check(init)
+  extras.check(train_extra, bias)
   if key is None:
     key = jax.random.key(0)
   layout = model_api.resolve_layout(layout, params)
@@ -184,8 +222,18 @@ def wrap(params: PyTree, *, key: jax.Array | None = None, rank: int = 16,
     new[KERNEL_KEY], new[A_KEY], new[B_KEY] = initialisation.factors(
         init, k, path, kernel, roles, r, scale, adt)
     new[SCALE_KEY] = jnp.full(s_shape, scale, jnp.float32)
+    if initialisation.mutates_base(init):  # keep what the residual was split off with
+      new[INIT_A_KEY], new[INIT_B_KEY] = new[A_KEY], new[B_KEY]
+      new[INIT_SCALE_KEY] = new[SCALE_KEY]
+    if use_dora:  # from the kernel `factors` returned (an init may have changed it)
+      new[MAGNITUDE_KEY] = dora.magnitude(new[KERNEL_KEY], new[A_KEY], new[B_KEY], scale,
+                                          roles, adt)
     new_modules[path_t] = new
-  return _tree.with_params(params, _tree.replace_modules(p, new_modules))
+  out = _tree.replace_modules(p, new_modules)
+  out = extras.mark(out, train_extra=train_extra, bias=bias, layout=layout)
+  if trainable_tokens is not None:
+    out = tokens.add(out, trainable_tokens, dtype=dtype)
+  return _tree.with_params(params, out)
 
 
 def _wide(*dtypes: Any) -> np.dtype:
@@ -247,31 +295,44 @@ def merge(tree: PyTree, *, requantize: bool = False) -> PyTree:
     kernel = mod[KERNEL_KEY]
     out = _tree.module_base(mod)
     wide = _wide(kernel.dtype)
-    merged = (kernel.astype(wide) + _delta(path, kernel, mod)).astype(kernel.dtype)
+    merged = kernel.astype(wide) + _delta(path, kernel, mod)
+    if MAGNITUDE_KEY in mod:  # DoRA: m * (W + sAB) / ||W + sAB|| per output unit
+      merged = dora.fold(path, merged, mod)
+    merged = merged.astype(kernel.dtype)
     if requantize and quantization.is_quantized(kernel):
       merged = quantization.requantize_like(merged, kernel)
     out[KERNEL_KEY] = merged
     new[path_t] = out
-  result = _tree.replace_modules(p, new)
+  result = tokens.merge_rows(_tree.replace_modules(p, new))  # trained tokens: rows into tables
   if not requantize:
     result = quantization.dequantize(result)
+  # Markers of fully trained modules and biases go; the trained values stay in the base.
+  result = _tree.base_leaves(result, prune=False)
   return _tree.with_params(tree, result)
 
 
-def unmerge(merged: PyTree, adapter_tree: PyTree) -> PyTree:
+def unmerge(merged: PyTree, adapter_tree: PyTree, *,
+            norms: Mapping[str, Any] | None = None) -> PyTree:
   """Inverse of `merge`: subtracts ``scale * A @ B`` and puts the adapter back.
 
   Args:
     merged: params returned by `merge` (or any base with those kernels).
     adapter_tree: a tree holding the adapter leaves (`adapter(tree)` or a whole
       wrapped tree).
+    norms: DoRA adapters only: ``jaxlora.dora.weight_norms(tree)`` of the
+      wrapped tree, taken before merging. A merged DoRA kernel
+      ``m * (W + s*A@B) / ||W + s*A@B||`` has column norms ``m`` whatever ``W``
+      was, so the norms ``||W + s*A@B||`` it divided by cannot be recovered
+      from it and the adapter; with them the inverse is exact
+      (``W = merged * norms / m - s*A@B``, up to rounding).
 
   Returns:
     A wrapped tree: restored kernels plus the adapter leaves. In float32 the
     kernels equal the originals up to rounding (not bit for bit).
 
   Raises:
-    ValueError: if an adapter has no kernel in `merged` or does not fit it.
+    ValueError: if an adapter has no kernel in `merged` or does not fit it, or
+      a DoRA adapter comes without its ``norms``.
 
   >>> import jax, jax.numpy as jnp, jaxlora
   >>> params = {'dense': {'kernel': jnp.eye(2)}}
@@ -310,12 +371,18 @@ def unmerge(merged: PyTree, adapter_tree: PyTree) -> PyTree:
           f"{tuple(kernel.shape)}; the adapter belongs to another model.")
     wide = _wide(kernel.dtype)
     out = dict(node)
-    out[KERNEL_KEY] = (kernel.astype(wide) - _delta(path, kernel, amod)).astype(kernel.dtype)
+    restored = kernel.astype(wide)
+    if MAGNITUDE_KEY in amod:  # DoRA: back to W + sAB through the norms taken before merging
+      restored = dora.unfold(path, restored, amod, norms)
+    out[KERNEL_KEY] = (restored - _delta(path, kernel, amod)).astype(kernel.dtype)
     for k in _tree.ADAPTER_KEYS:
       if k in amod:
         out[k] = amod[k]
     new[path_t] = out
-  return _tree.with_params(merged, _tree.replace_modules(p, new))
+  out = tokens.unmerge_rows(_tree.replace_modules(p, new), ad)  # trained tokens, if any
+  # Marked modules and biases: `merge` kept their trained values; put the markers back.
+  markers = _tree.filter_tree(ad, lambda k: k in _tree.MARKER_KEYS, prune=True)
+  return _tree.with_params(merged, _tree.overlay(out, markers))
 
 
 def split(tree: PyTree) -> tuple[PyTree, PyTree]:
@@ -458,10 +525,14 @@ def summary(tree: PyTree) -> Summary:
     layers.append(LayerSummary(
         _tree.join(path_t), tuple(mod[KERNEL_KEY].shape), r, scale,
         None if scale is None else scale * r, tuple(a.shape), tuple(b.shape),
-        int(math.prod(a.shape) + math.prod(b.shape))))
-  trainable = sum(l.params for l in layers)
+        int(math.prod(a.shape) + math.prod(b.shape)
+            + (math.prod(jnp.shape(mod[MAGNITUDE_KEY])) if MAGNITUDE_KEY in mod else 0))))
+  added = sum(l.params for l in layers) + tokens.count(p)
+  # Base leaves that train in full (train_extra, bias) count as trainable, and once in total.
+  full = sum(int(math.prod(jnp.shape(x))) for x in
+             jax.tree.leaves(_tree.filter_leaves(p, _tree.is_trained_base, prune=True)))
   from jaxlora.quantization import is_quantized  # pylint: disable=import-outside-toplevel
   # A quantized kernel counts as the parameters it stands for, not its stored bytes.
   base = sum(int(math.prod(x.shape)) for x in
              jax.tree.leaves(_tree.base_leaves(p, prune=True), is_leaf=is_quantized))
-  return Summary(tuple(layers), trainable, base + trainable)
+  return Summary(tuple(layers), added + full, base + added)

@@ -88,3 +88,22 @@ def test_bad_arguments():
     jaxlora.loraplus(optax.adam, 1e-3, ratio=0)
   with pytest.raises(jaxlora.errors.InputTypeError, match="optax factory"):
     jaxlora.loraplus(optax.adam(1e-3), 1e-3)
+
+
+def test_optimizer_state_shardings_follow_the_params():
+  # optax.tree_map_params cannot run label functions; the state still follows its params.
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jaxlora.sharding.make_mesh(fsdp=-1)
+  n = jax.device_count()
+  kernel = jax.device_put(jnp.ones((4 * n, 6)), NamedSharding(mesh, P("fsdp", None)))
+  tree = jaxlora.wrap({"d": {"kernel": kernel}}, rank=2)
+  trainable, _ = jaxlora.split(tree)
+  sh = jaxlora.split(jaxlora.sharding.tree_shardings(
+      tree, {"d": {"kernel": kernel.sharding}}))[0]
+  tx = optax.chain(optax.clip_by_global_norm(1.0), jaxlora.loraplus(optax.adamw, 1e-3, tree=tree))
+  state_sh = jaxlora.sharding.opt_state_shardings(tx, trainable, sh, mesh)
+  specs = {jax.tree_util.keystr(kp): s.spec for kp, s in jax.tree_util.tree_flatten_with_path(
+      state_sh, is_leaf=lambda x: isinstance(x, NamedSharding))[0]}
+  mu_a = [v for k, v in specs.items() if "mu" in k and "lora_a" in k]
+  assert mu_a and all(v == P("fsdp", None) for v in mu_a)
+  assert all(v == P() for k, v in specs.items() if "count" in k)

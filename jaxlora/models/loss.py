@@ -9,7 +9,8 @@ import jax.numpy as jnp
 
 from jaxlora import _tree
 from jaxlora import quantization
-from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY
+from jaxlora import tokens
+from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY, TOKEN_IDS_KEY, TOKEN_ROWS_KEY
 from jaxlora.models.decoder import Decoder
 from jaxlora.errors import InputError
 
@@ -19,7 +20,8 @@ def _head(model: Decoder, params: Any) -> dict:
   p = _tree.get_params(params)
   if model.config.tie_word_embeddings:
     name = "wte" if model.config.is_gpt2 else "embed_tokens"
-    return {"embedding": p[name]["embedding"]}
+    # Trained token rows (jaxlora.tokens) replace those columns of the tied head.
+    return {k: v for k, v in p[name].items() if k in ("embedding", TOKEN_IDS_KEY, TOKEN_ROWS_KEY)}
   mod = p["lm_head"]
   return {k: mod[k] for k in (KERNEL_KEY, A_KEY, B_KEY, SCALE_KEY) if k in mod}
 
@@ -28,7 +30,12 @@ def _logits(model: Decoder, head: dict, h: jax.Array) -> jax.Array:
   """The decoder's head on `h`, with its dtype promotion (and LoRA term, if adapted)."""
   dt = model.dtype
   if "embedding" in head:  # nn.Embed.attend
-    return jnp.dot(h.astype(dt), head["embedding"].astype(dt).T)
+    table = head["embedding"]
+    y = jnp.dot(h.astype(dt), table.astype(dt).T)
+    if TOKEN_IDS_KEY in head:
+      rows = head[TOKEN_ROWS_KEY].astype(table.dtype).astype(dt)  # as jaxlora.merge stores them
+      y = tokens.replace_columns(y, h.astype(dt), head[TOKEN_IDS_KEY], rows)
+    return y
   kernel = head[KERNEL_KEY]
   if quantization.is_quantized(kernel):
     kernel = quantization.dequantize_array(kernel)

@@ -236,7 +236,8 @@ def fold(path: str, combined: jax.Array, mod: Mapping) -> jax.Array:
   return _from_gio(v * (m.astype(v.dtype) / norm), shape, roles)
 
 
-def unfold(path: str, merged: jax.Array, mod: Mapping, norms: Mapping[str, Any] | None) -> jax.Array:
+def unfold(path: str, merged: jax.Array, mod: Mapping,
+           norms: Mapping[str, Any] | None) -> jax.Array:
   """`jaxlora.unmerge`'s DoRA step: ``W + s*A@B = merged * ||W + s*A@B|| / m`` per output unit.
 
   Args:

@@ -38,6 +38,12 @@ BIAS_LEAF = "bias"
 Path = tuple[str, ...]
 
 
+def wide_float(*dtypes: Any) -> Any:
+  """float64 if any of `dtypes` is, else float32 (explicit: works under strict promotion)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return np.dtype(np.float64 if any(np.dtype(d) == np.float64 for d in dtypes) else np.float32)
+
+
 def is_variables(tree: Any) -> bool:
   """True when `tree` looks like linen variables (`{'params': {...}, ...}`)."""
   return isinstance(tree, Mapping) and isinstance(tree.get("params"), Mapping)

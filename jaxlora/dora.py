@@ -49,31 +49,12 @@ _HIGHEST = lax.Precision.HIGHEST
 _SHARED = (layout_lib.STACK, layout_lib.BATCH)
 
 
-def _wide(*dtypes: Any) -> np.dtype:
-  return np.dtype(np.float64 if any(jnp.dtype(d) == np.float64 for d in dtypes) else np.float32)
-
-
 def _geometry(shape: tuple[int, ...], roles: tuple[str, ...]):
   """(perm to (shared, in, out) order, shared dims, in dims, out dims) of a kernel."""
   order = lambda want: [i for i, r in enumerate(roles) if r in want]
   perm = order(_SHARED) + order((layout_lib.IN,)) + order((layout_lib.OUT,))
   pick = lambda want: tuple(shape[i] for i in order(want))
   return perm, pick(_SHARED), pick((layout_lib.IN,)), pick((layout_lib.OUT,))
-
-
-def _to_gio(w: jax.Array, roles: tuple[str, ...]) -> jax.Array:
-  """A kernel as ``(groups, in, out)``: one group per stacked/batch slice."""
-  perm, shared, ins, outs = _geometry(tuple(w.shape), roles)
-  if perm != list(range(w.ndim)):
-    w = jnp.transpose(w, perm)
-  return w.reshape(math.prod(shared), math.prod(ins), math.prod(outs))
-
-
-def _from_gio(w3: jax.Array, shape: tuple[int, ...], roles: tuple[str, ...]) -> jax.Array:
-  perm, shared, ins, outs = _geometry(shape, roles)
-  w = w3.reshape(shared + ins + outs)
-  inverse = np.argsort(perm)
-  return jnp.transpose(w, inverse) if list(inverse) != list(range(w.ndim)) else w
 
 
 def _group_scale(scale: Any, shape: tuple[int, ...], roles: tuple[str, ...],
@@ -110,10 +91,10 @@ def _norm_one(kernel: Any, a: jax.Array, b: jax.Array, scale: Any,
               roles: tuple[str, ...]) -> jax.Array:
   shape = tuple(kernel.shape)
   w = _float_kernel(kernel)
-  wide = _wide(w.dtype, a.dtype, b.dtype)
+  wide = _tree.wide_float(w.dtype, a.dtype, b.dtype)
   _, shared, _, outs = _geometry(shape, roles)
   g = math.prod(shared)
-  w3 = _to_gio(lax.stop_gradient(w).astype(wide), roles)
+  w3, _ = layout_lib.as_matrices(lax.stop_gradient(w).astype(wide), roles)
   a3 = lax.stop_gradient(a).astype(wide).reshape(g, w3.shape[1], -1)
   b3 = lax.stop_gradient(b).astype(wide).reshape(g, -1, w3.shape[2])
   n = _factored_norm(w3, a3, b3, _group_scale(lax.stop_gradient(scale), shape, roles, wide))
@@ -231,9 +212,9 @@ def fold(path: str, combined: jax.Array, mod: Mapping) -> jax.Array:
   """
   shape = tuple(combined.shape)
   m, roles = _unit_factor(path, shape, mod, mod[MAGNITUDE_KEY])
-  v = _to_gio(combined, roles)
+  v, back = layout_lib.as_matrices(combined, roles)
   norm = jnp.sqrt(jnp.sum(v * v, axis=1, keepdims=True))
-  return _from_gio(v * (m.astype(v.dtype) / norm), shape, roles)
+  return back(v * (m.astype(v.dtype) / norm))
 
 
 def unfold(path: str, merged: jax.Array, mod: Mapping,
@@ -268,8 +249,8 @@ def unfold(path: str, merged: jax.Array, mod: Mapping,
   shape = tuple(merged.shape)
   m, roles = _unit_factor(path, shape, mod, mod[MAGNITUDE_KEY])
   n, _ = _unit_factor(path, shape, mod, norms[path])
-  v = _to_gio(merged, roles)
-  return _from_gio(v * (n.astype(v.dtype) / m.astype(v.dtype)), shape, roles)
+  v, back = layout_lib.as_matrices(merged, roles)
+  return back(v * (n.astype(v.dtype) / m.astype(v.dtype)))
 
 
 # ------------------------------------------------------------------------------ forward pass

@@ -126,25 +126,6 @@ def factors(init: str, key: jax.Array, path: str, kernel: Any, roles: tuple[str,
 # ----------------------------------------------------------------------------- PiSSA and OLoRA
 
 
-def _matrices(w: jax.Array, roles: tuple[str, ...]):
-  """`w` as ``(slices, n_in, n_out)`` matrices, and the function that undoes it."""
-  shape = tuple(w.shape)
-  shared = [i for i, r in enumerate(roles) if r in (layout_lib.STACK, layout_lib.BATCH)]
-  ins = [i for i, r in enumerate(roles) if r == layout_lib.IN]
-  outs = [i for i, r in enumerate(roles) if r == layout_lib.OUT]
-  perm = shared + ins + outs
-  n_in = math.prod(shape[i] for i in ins)
-  n_out = math.prod(shape[i] for i in outs)
-  m = jnp.transpose(w, perm).reshape((-1, n_in, n_out))
-  permuted = tuple(shape[i] for i in perm)
-  inverse = tuple(int(i) for i in np.argsort(perm))
-
-  def back(mats: jax.Array) -> jax.Array:
-    return jnp.transpose(mats.reshape(permuted), inverse)
-
-  return m, back
-
-
 def _qr_q(x: jax.Array) -> jax.Array:
   return jnp.linalg.qr(x, mode="reduced")[0]
 
@@ -241,7 +222,7 @@ def _residual(kernel: Any, w: jax.Array, lora_a: jax.Array, lora_b: jax.Array, s
 def _split_kernel(w, key, scale, *, init, roles, rank, dtype):
   """(A, B) of a float kernel; one compiled program per kernel shape."""
   ct = np.float64 if w.dtype == np.float64 else np.float32
-  m, _ = _matrices(w.astype(ct), roles)
+  m, _ = layout_lib.as_matrices(w.astype(ct), roles)
   a, b = _decompose(init, key, m, rank, jnp.asarray(scale, ct))
   a_shape, b_shape, _ = layout_lib.adapter_shapes(tuple(w.shape), roles, rank)
   return a.reshape(a_shape).astype(dtype), b.reshape(b_shape).astype(dtype)
@@ -253,7 +234,7 @@ def _subtract(w, lora_a, lora_b, scale, *, roles):
   checkpoint rebuilds the residual bit for bit. It subtracts the factors as stored, so that
   base + adapter rounds once."""
   ct = np.float64 if w.dtype == np.float64 else np.float32
-  m, back = _matrices(w.astype(ct), roles)
+  m, back = layout_lib.as_matrices(w.astype(ct), roles)
   a = lora_a.astype(ct).reshape(m.shape[:-2] + (m.shape[-2], -1))
   b = lora_b.astype(ct).reshape(m.shape[:-2] + (a.shape[-1], m.shape[-1]))
   s = scale.astype(ct).reshape(-1, 1)  # one scale per stacked layer; batch slices share it
@@ -314,7 +295,7 @@ def initial_adapter(tree: Any) -> Any:
   p = _tree.get_params(tree)
   mods = {pt: {A_KEY: m[INIT_A_KEY], B_KEY: m[INIT_B_KEY], SCALE_KEY: m[INIT_SCALE_KEY]}
           for pt, m in _tree.iter_modules(p) if INIT_A_KEY in m}
-  return _nest(mods) if mods else None
+  return _tree.nest(mods) if mods else None
 
 
 # ----------------------------------------------------------------------------- back to plain LoRA
@@ -433,7 +414,7 @@ def convert_to_lora(tree: Any, initial: Any = None) -> Any:
     new[path_t] = out
   adapter_p = _tree.filter_tree(_tree.adapter_leaves(p), lambda k: k not in _tree.INIT_KEYS,
                                 prune=True)
-  return _tree.with_params(tree, _tree.overlay(adapter_p, _nest(new)))
+  return _tree.with_params(tree, _tree.overlay(adapter_p, _tree.nest(new)))
 
 
 def _b_rank_axis(path: str, mod: Mapping, mod0: Mapping) -> int:
@@ -453,19 +434,6 @@ def _b_rank_axis(path: str, mod: Mapping, mod0: Mapping) -> int:
         "axes are shared with the kernel; pass the whole wrapped tree (with its kernels) "
         "instead of its jaxlora.adapter.")
   return found[0]
-
-
-def _nest(flat: Mapping[tuple[str, ...], dict]) -> dict:
-  out: dict = {}
-  for path_t, mod in flat.items():
-    node = out
-    for k in path_t[:-1]:
-      node = node.setdefault(k, {})
-    if path_t:
-      node[path_t[-1]] = mod
-    else:
-      out = dict(mod)
-  return out
 
 
 def original_base(tree: Any, initial: Any = None) -> Any:
@@ -501,7 +469,7 @@ def original_base(tree: Any, initial: Any = None) -> Any:
           f"`tree` has no kernel at '{_tree.join(path_t)}/kernel': original_base needs the "
           "wrapped tree with its residual kernels, not its jaxlora.adapter.")
   base = _tree.base_leaves(p, prune=False)
-  lora0 = _nest({pt: {k: m[k] for k in _tree.LORA_KEYS} for pt, m in mods0.items()})
+  lora0 = _tree.nest({pt: {k: m[k] for k in _tree.LORA_KEYS} for pt, m in mods0.items()})
   return transform.merge(_tree.with_params(tree, _tree.overlay(base, lora0)))
 
 

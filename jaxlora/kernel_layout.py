@@ -12,6 +12,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import _tree
@@ -319,3 +320,28 @@ def roles_from_shapes(path: str, kernel_shape, a_shape, b_shape, n_stack: int) -
 
 def fan_in(kernel_shape, roles) -> int:
   return math.prod(d for d, r in zip(kernel_shape, roles) if r == IN)
+
+
+def as_matrices(w: Any, roles: Sequence[str]) -> tuple[Any, Callable[[Any], Any]]:
+  """A kernel as ``(slices, n_in, n_out)`` matrices (one per stacked/batch slice), and the
+  function that undoes it.
+
+  >>> m, back = as_matrices(np.zeros((3, 4, 5)), ("stack", "in", "out"))
+  >>> m.shape, back(m).shape
+  ((3, 4, 5), (3, 4, 5))
+  """
+  shape = tuple(w.shape)
+  shared = [i for i, r in enumerate(roles) if r in (STACK, BATCH)]
+  ins = [i for i, r in enumerate(roles) if r == IN]
+  outs = [i for i, r in enumerate(roles) if r == OUT]
+  perm = shared + ins + outs
+  n_in = math.prod(shape[i] for i in ins)
+  n_out = math.prod(shape[i] for i in outs)
+  m = jnp.transpose(w, perm).reshape((-1, n_in, n_out))
+  permuted = tuple(shape[i] for i in perm)
+  inverse = tuple(int(i) for i in np.argsort(perm))
+
+  def back(mats: jax.Array) -> jax.Array:
+    return jnp.transpose(mats.reshape(permuted), inverse)
+
+  return m, back

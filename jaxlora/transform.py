@@ -216,7 +216,7 @@ def wrap(params: PyTree, *, key: jax.Array | None = None, rank: int = 16,
           "interleave in a way that cannot be told apart from the shapes of A and B, "
           "so merge and export could not place them. Exclude this layer, or reorder the "
           "kernel axes in the model's einsum equation (batch, inputs, then outputs).")
-    adt = jnp.dtype(dtype) if dtype is not None else _wide(kernel.dtype)
+    adt = jnp.dtype(dtype) if dtype is not None else _tree.wide_float(kernel.dtype)
     scale = a / math.sqrt(r) if use_rslora else a / r
     new = dict(mod)
     new[KERNEL_KEY], new[A_KEY], new[B_KEY] = initialisation.factors(
@@ -236,11 +236,6 @@ def wrap(params: PyTree, *, key: jax.Array | None = None, rank: int = 16,
   return _tree.with_params(params, out)
 
 
-def _wide(*dtypes: Any) -> np.dtype:
-  """float64 if any input is, else float32 (explicit: works under strict promotion)."""
-  return np.dtype(np.float64 if any(jnp.dtype(d) == np.float64 for d in dtypes) else np.float32)
-
-
 def _delta(path: str, kernel: Any, mod: Mapping) -> jax.Array:
   """`scale * A @ B` laid out like the kernel, in float32 or wider."""
   a, b, scale = mod[A_KEY], mod[B_KEY], jnp.asarray(mod[SCALE_KEY])
@@ -250,7 +245,7 @@ def _delta(path: str, kernel: Any, mod: Mapping) -> jax.Array:
   ins = [c for c, r in zip(letters, roles) if r == layout_lib.IN]
   outs = [c for c, r in zip(letters, roles) if r == layout_lib.OUT]
   eq = f"{''.join(shared + ins)}z,{''.join(shared)}z{''.join(outs)}->{''.join(letters)}"
-  ct = _wide(a.dtype, b.dtype, kernel.dtype)
+  ct = _tree.wide_float(a.dtype, b.dtype, kernel.dtype)
   d = jnp.einsum(eq, a.astype(ct), b.astype(ct), precision=jax.lax.Precision.HIGHEST)
   return d * scale.astype(ct).reshape(scale.shape + (1,) * (d.ndim - scale.ndim))
 
@@ -294,7 +289,7 @@ def merge(tree: PyTree, *, requantize: bool = False) -> PyTree:
     path = _tree.join(path_t)
     kernel = mod[KERNEL_KEY]
     out = _tree.module_base(mod)
-    wide = _wide(kernel.dtype)
+    wide = _tree.wide_float(kernel.dtype)
     merged = kernel.astype(wide) + _delta(path, kernel, mod)
     if MAGNITUDE_KEY in mod:  # DoRA: m * (W + sAB) / ||W + sAB|| per output unit
       merged = dora.fold(path, merged, mod)
@@ -369,7 +364,7 @@ def unmerge(merged: PyTree, adapter_tree: PyTree, *,
       raise InputError(
           f"Adapter at '{path}' has lora_scale {tuple(scale.shape)} but the kernel is "
           f"{tuple(kernel.shape)}; the adapter belongs to another model.")
-    wide = _wide(kernel.dtype)
+    wide = _tree.wide_float(kernel.dtype)
     out = dict(node)
     restored = kernel.astype(wide)
     if MAGNITUDE_KEY in amod:  # DoRA: back to W + sAB through the norms taken before merging

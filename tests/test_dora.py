@@ -274,7 +274,8 @@ def test_qdora_gradients_equal_dora_on_the_dequantized_tree():
 def test_sharding_follows_the_kernels_output_axes():
   from jax.sharding import NamedSharding, PartitionSpec as P
   mesh = jaxlora.sharding.make_mesh(fsdp=-1)
-  kernel = jax.device_put(jnp.ones((3, 8, 4)), NamedSharding(mesh, P("data", None, "fsdp")))
+  out = 4 * jax.device_count()  # divisible by the fsdp axis however many devices there are
+  kernel = jax.device_put(jnp.ones((3, 8, out)), NamedSharding(mesh, P("data", None, "fsdp")))
   lay = jaxlora.Layout({"d": layout_lib.KernelLayout("Dense", ("stack", "in", "out"))})
   tree = jaxlora.wrap({"d": {"kernel": kernel}}, rank=2, layout=lay, use_dora=True)
   sh = jaxlora.sharding.adapter_shardings(tree)["d"]

@@ -126,7 +126,8 @@ def column_norm(kernel: Any, a: jax.Array, b: jax.Array, scale: Any,
   if quantization.is_quantized(kernel) and n_stack:
     # One layer at a time, so that no float copy of the whole stack exists.
     s = jnp.broadcast_to(jnp.asarray(scale), tuple(kernel.shape[:n_stack]))
-    return lax.map(lambda xs: column_norm(*xs, roles[1:]), (kernel, a, b, s))
+    return lax.map(lambda xs: column_norm(xs[0], xs[1], xs[2], xs[3], roles[1:]),
+                   (kernel, a, b, s))
   return _norm_one(kernel, a, b, scale, roles)
 
 
@@ -182,8 +183,9 @@ def weight_norms(tree: PyTree) -> dict[str, jax.Array]:
 
 
 def _unit_factor(path: str, kernel_shape: tuple[int, ...], mod: Mapping,
-                 vec: jax.Array) -> jax.Array:
-  """`vec` ``(*stacked, *batch, *out)`` shaped to broadcast against ``(G, I, O)``."""
+                 vec: jax.Array) -> tuple[jax.Array, tuple[str, ...]]:
+  """`vec` ``(*stacked, *batch, *out)`` shaped to broadcast against ``(G, I, O)``, and the
+  kernel's axis roles."""
   roles = _module_roles(path, jax.ShapeDtypeStruct(kernel_shape, jnp.float32), mod)
   _, shared, _, outs = _geometry(kernel_shape, roles)
   if tuple(jnp.shape(vec)) != shared + outs:
@@ -353,11 +355,11 @@ def output(module: nn.Module, args: tuple, kwargs: Mapping, y: jax.Array, x: jax
   """
   roles = _check_layer(module, args, kwargs, scale, adapter_ids)
   dt = y.dtype
-  kernel = module.get_variable("params", KERNEL_KEY)
+  kernel: Any = module.get_variable("params", KERNEL_KEY)
   norm = column_norm(kernel, module.get_variable("params", A_KEY),
                      module.get_variable("params", B_KEY),
                      module.get_variable("params", SCALE_KEY), roles)
-  mag = module.get_variable("params", MAGNITUDE_KEY)
+  mag: Any = module.get_variable("params", MAGNITUDE_KEY)
   if tuple(jnp.shape(mag)) != tuple(norm.shape):
     raise InputError(f"'{_tree.join(module.path)}': lora_magnitude {tuple(jnp.shape(mag))} does "
                      f"not fit the kernel {tuple(kernel.shape)}: DoRA needs one value per output "

@@ -181,7 +181,10 @@ def _decompose(init: str, key: jax.Array, m: jax.Array, rank: int, scale: float)
     u, s, vh = jnp.linalg.svd(m, full_matrices=False)
     u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
   else:
-    niter = int(_NITER.fullmatch(init).group(1))
+    found = _NITER.fullmatch(init)
+    if found is None:
+      raise InputError(f"`init` {init!r} is not a PiSSA scheme (pissa, pissa_niter_K).")
+    niter = int(found.group(1))
     u, s, vh = randomized_svd(m, rank, niter, key)
   # PEFT: S_r / scale split evenly between the factors, so scale * A @ B = U_r S_r V_r^T.
   root = jnp.sqrt(s / scale)

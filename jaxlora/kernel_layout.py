@@ -229,7 +229,7 @@ def trace_layout(apply_fn: Callable[..., Any], variables: Mapping, *args: Any,
     node = _tree.lookup(params, tuple(path.split("/")) if path else (), None)
     if isinstance(node, Mapping):
       name, shape = next(iter(local.items()))
-      full = tuple(np.shape(node.get(name))) if name in node else shape
+      full = tuple(np.shape(node[name])) if name in node else shape
       stacks[path] = max(len(full) - len(shape), 0)
   return Layout(kernels, stacks)
 

@@ -69,8 +69,9 @@ def save(path: str, tree: Any, *, model: model_api.HubNames,
     init_lora_weights: the config's ``init_lora_weights``. ``True`` (default):
       the adapter applies to the original base; a tree wrapped with PiSSA or
       OLoRA (which keeps its initial factors) is written as `convert_to_lora`
-      makes it, a plain LoRA of rank ``r + r0``. ``'pissa'``, ``'pissa_niter_K'`` or ``'olora'`` (the
-      ``init`` the tree was wrapped with): the adapter is served on the ORIGINAL
+      makes it, a plain LoRA of rank ``r + r0``. ``'pissa'``, ``'pissa_niter_K'``
+      or ``'olora'`` (the ``init`` the tree was wrapped with): the adapter is
+      served on the ORIGINAL
       base, from which PEFT (and `load`) rebuild that scheme's residual when
       loading, as for PEFT's own PiSSA/OLoRA adapters (``'pissa_niter_K'``
       rebuilds it from a new random draw, so only approximately). For an
@@ -249,7 +250,7 @@ def _load_full_leaves(path: str, weights: dict[str, np.ndarray], pc: Mapping, p:
     if not isinstance(node, Mapping):
       raise InputError(f"{path}: tensor {key!r} belongs to {name!r}, which the model "
                        f"({type(model).__name__}) does not have.")
-    extra = any(name == t or name.endswith("." + t) or name.endswith(t) for t in saved)
+    extra = any(name.endswith(t) for t in saved)  # PEFT's rule: a plain suffix match
     if which == "bias":
       leaf = _tree.BIAS_LEAF
     else:
@@ -270,7 +271,7 @@ def _load_full_leaves(path: str, weights: dict[str, np.ndarray], pc: Mapping, p:
       raise InputError(f"{path}: the adapter trains '{_tree.join(module_path + (leaf,))}', which "
                        "the base params lack.")
     stacked = None not in per_layer
-    value = np.array(jax.device_get(base), dtype=np.float32) if stacked else None
+    value: Any = np.array(jax.device_get(base), dtype=np.float32) if stacked else None
     for layer, arr in per_layer.items():
       arr = np.asarray(arr, np.float32)
       if leaf == KERNEL_KEY and not model.fan_in_fan_out:

@@ -159,6 +159,27 @@ def rng():
   return np.random.default_rng(0)
 
 
+def hf_checkpoint(path, hf_model):
+  """Saves a transformers model to `path` and reads it back: ``(path, model, params)``."""
+  import jaxlora  # pylint: disable=import-outside-toplevel
+  hf_model.save_pretrained(str(path))
+  model, params = jaxlora.models.from_pretrained(str(path))
+  return str(path), model, params
+
+
+@pytest.fixture(scope="session")
+def hf_llama(tmp_path_factory):
+  """A tiny 2-layer Llama checkpoint (GQA, untied head) and its jaxlora model and params,
+  shared by the tests that compare with PEFT. Tests must not change it."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)).eval()
+  return hf_checkpoint(tmp_path_factory.mktemp("hf-llama"), hf)
+
+
 def randomize_adapters(tree, key, scale=0.5):
   """Gives every lora_a/lora_b a random non-zero value (B starts at zero)."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)

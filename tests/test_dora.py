@@ -96,17 +96,19 @@ def test_forward_equals_numpy_dora_merged_model(name):
   tree = _randomize(tree, jax.random.key(2))
   mods = jaxlora.summary(tree).layers
   assert mods and all(l.params > 0 for l in mods)
-  y = jaxlora.apply(model.apply)(tree, x)
-  ref = model.apply(_np_merge(tree, lay), x)
+  # Jitted: one compile each instead of eager op-by-op dispatch (much cheaper on CPU).
+  y = jax.jit(jaxlora.apply(model.apply))(tree, x)
+  plain = jax.jit(model.apply)
+  ref = plain(_np_merge(tree, lay), x)
   assert np.abs(f64(y) - f64(ref)).max() < 1e-5 * max(1.0, np.abs(f64(ref)).max())
   # merge folds DoRA the same way (and differs from plain LoRA's merge).
-  merged = model.apply(jaxlora.merge(tree), x)
+  merged = plain(jaxlora.merge(tree), x)
   np.testing.assert_allclose(merged, ref, atol=1e-5, rtol=1e-5)
   if name == "mlp":  # the magnitudes matter: plain LoRA on the same factors differs
     lora_only = jax.tree.map(lambda l: l, tree)
     for _, mod in jaxlora._tree.adapter_modules(lora_only["params"]):
       del mod["lora_magnitude"]
-    assert np.abs(f64(jaxlora.apply(model.apply)(lora_only, x)) - f64(ref)).max() > 1e-3
+    assert np.abs(f64(jax.jit(jaxlora.apply(model.apply))(lora_only, x)) - f64(ref)).max() > 1e-3
 
 
 def test_magnitude_shapes_and_initial_identity():
@@ -325,18 +327,6 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-  torch.manual_seed(0)
-  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)).eval()
-  path = str(tmp_path_factory.mktemp("llama"))
-  hf.save_pretrained(path)
-  model, params = jaxlora.models.from_pretrained(path)
-  return path, model, params
-
-
 def _batch():
   ids = np.random.default_rng(1).integers(0, 96, size=(2, 10))
   return ids, np.ones_like(ids)
@@ -347,8 +337,8 @@ def _peft_logits(pm, ids, mask):
     return pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
 
 
-def test_jaxlora_dora_serves_in_peft(llama, tmp_path):
-  path, model, params = llama
+def test_jaxlora_dora_serves_in_peft(hf_llama, tmp_path):
+  path, model, params = hf_llama
   tree = jaxlora.wrap(params, rank=4, alpha=8, targets="all-linear", layout=model,
                       use_dora=True, key=jax.random.key(0))
   tree = _randomize(tree, jax.random.key(1), scale=0.2)
@@ -370,8 +360,8 @@ def test_jaxlora_dora_serves_in_peft(llama, tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
-def test_peft_dora_loads_in_jaxlora(llama, tmp_path):
-  path, model, params = llama
+def test_peft_dora_loads_in_jaxlora(hf_llama, tmp_path):
+  path, model, params = hf_llama
   torch.manual_seed(1)
   hf = transformers.AutoModelForCausalLM.from_pretrained(path)
   cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
@@ -398,8 +388,8 @@ def test_peft_dora_loads_in_jaxlora(llama, tmp_path):
   assert np.abs(merged - ref_merged).max() < 1e-4
 
 
-def test_peft_format_errors(llama, tmp_path):
-  path, model, params = llama
+def test_peft_format_errors(hf_llama, tmp_path):
+  path, model, params = hf_llama
   mixed = jaxlora.wrap(params, rank=2, targets="q_proj", layout=model, use_dora=True)
   other = jaxlora.wrap(params, rank=2, targets="v_proj", layout=model)
   mixed["layers"]["self_attn"]["v_proj"] = other["layers"]["self_attn"]["v_proj"]

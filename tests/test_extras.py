@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import jaxlora
-from conftest import randomize_adapters
+from conftest import hf_checkpoint, randomize_adapters
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -28,10 +28,7 @@ def base(tmp_path_factory):
   for name, p in hf.named_parameters():  # non-trivial biases and norms
     if name.endswith("bias") or "norm" in name:
       p.data.uniform_(-0.5, 1.5)
-  path = str(tmp_path_factory.mktemp("base-bias"))
-  hf.save_pretrained(path)
-  model, params = jaxlora.models.from_pretrained(path)
-  return path, model, params
+  return hf_checkpoint(tmp_path_factory.mktemp("base-bias"), hf)
 
 
 def _batch():

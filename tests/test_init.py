@@ -168,18 +168,6 @@ def test_gaussian_and_kaiming_draw_like_peft():
   assert abs(t_std - j_std) < 0.002 and t_max <= 1 / 16 and j_max <= 1 / 16 and j_max > 0.06
 
 
-@pytest.fixture(scope="module")
-def hf_base(tmp_path_factory):
-  torch.manual_seed(0)
-  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)).eval()
-  path = str(tmp_path_factory.mktemp("init-base"))
-  hf.save_pretrained(path)
-  model, params = jaxlora.models.from_pretrained(path)
-  return path, model, params
-
-
 def _hf(path):
   return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
 
@@ -208,8 +196,8 @@ def _layers(model, tree):
 @needs_peft
 @pytest.mark.parametrize("init,rslora", [
     ("pissa", False), ("olora", False), pytest.param("olora", True, marks=pytest.mark.slow)])
-def test_product_and_residual_equal_peft(hf_base, init, rslora):
-  path, model, params = hf_base
+def test_product_and_residual_equal_peft(hf_llama, init, rslora):
+  path, model, params = hf_llama
   tree = jaxlora.wrap(params, rank=4, alpha=6, use_rslora=rslora, init=init, layout=model)
   pm = peft.get_peft_model(_hf(path), peft.LoraConfig(
       r=4, lora_alpha=6, use_rslora=rslora, target_modules="all-linear", init_lora_weights=init))
@@ -240,8 +228,8 @@ def _train_like(tree, key):
 
 @needs_peft
 @pytest.mark.parametrize("init", ["pissa", pytest.param("olora", marks=pytest.mark.slow)])
-def test_convert_to_lora_equals_peft_conversion(hf_base, tmp_path, init):
-  path, model, params = hf_base
+def test_convert_to_lora_equals_peft_conversion(hf_llama, tmp_path, init):
+  path, model, params = hf_llama
   start = jaxlora.wrap(params, rank=4, alpha=8, init=init, layout=model,
                        targets=("q_proj", "v_proj", "down_proj"))
   initial = jaxlora.adapter(start)
@@ -290,8 +278,8 @@ def test_convert_to_lora_equals_peft_conversion(hf_base, tmp_path, init):
 
 
 @needs_peft
-def test_peft_pissa_adapter_loads_on_the_original_base(hf_base, tmp_path):
-  path, model, params = hf_base
+def test_peft_pissa_adapter_loads_on_the_original_base(hf_llama, tmp_path):
+  path, model, params = hf_llama
   torch.manual_seed(2)
   pm = peft.get_peft_model(_hf(path), peft.LoraConfig(
       r=4, lora_alpha=4, target_modules=["k_proj", "up_proj"], init_lora_weights="pissa",
@@ -350,8 +338,8 @@ def test_convert_to_lora_errors_and_scales():
 
 
 @needs_peft
-def test_pissa_checkpoint_and_default_peft_export_work_on_the_original_base(hf_base, tmp_path):
-  path, model, params = hf_base
+def test_pissa_checkpoint_and_default_peft_export_work_on_the_original_base(hf_llama, tmp_path):
+  path, model, params = hf_llama
   start = jaxlora.wrap(params, rank=4, alpha=8, init="pissa_niter_2", layout=model,
                        targets=("q_proj", "down_proj"), key=jax.random.key(5))
   trained = _train_like(start, jax.random.key(6))

@@ -63,6 +63,11 @@ class Layout:
 
     A module the trace did not see directly takes the depth of a module below
     it (a container of layers inside a scan), else 0.
+
+    >>> lay = Layout({"layers/mlp/up": KernelLayout("Dense", ("stack", "in", "out"))},
+    ...              {"layers/norm": 1, "norm": 0})
+    >>> lay.stack_depth("layers/norm"), lay.stack_depth("layers/mlp"), lay.stack_depth("head")
+    (1, 1, 0)
     """
     if path in self.stacks:
       return self.stacks[path]

@@ -266,14 +266,22 @@ def _leaves(module: Any) -> tuple[jax.Array, jax.Array, jax.Array] | None:
   return table, ids, rows
 
 
+def _call(module: Any, next_fun: Callable[..., Any], args: tuple, kwargs: dict,
+          reached: set[str]):
+  """The table's own result, and its token leaves (None without any; else marked reached)."""
+  y = next_fun(*args, **kwargs)
+  leaves = _leaves(module)
+  if leaves is not None:
+    reached.add(_tree.join(module.path))
+  return y, leaves
+
+
 def lookup(module: Any, next_fun: Callable[..., Any], args: tuple, kwargs: dict,
            reached: set[str]) -> jax.Array:
   """``nn.Embed.__call__`` with trained rows (a `jaxlora.apply` interceptor entry)."""
-  y = next_fun(*args, **kwargs)
-  leaves = _leaves(module)
+  y, leaves = _call(module, next_fun, args, kwargs, reached)
   if leaves is None:
     return y
-  reached.add(_tree.join(module.path))
   _, ids, rows = leaves
   (rows,) = module.promote_dtype(rows, dtype=module.dtype, inexact=False)
   return replace_rows(y, args[0] if args else kwargs["inputs"], ids, rows)
@@ -282,11 +290,9 @@ def lookup(module: Any, next_fun: Callable[..., Any], args: tuple, kwargs: dict,
 def attend(module: Any, next_fun: Callable[..., Any], args: tuple, kwargs: dict,
            reached: set[str]) -> jax.Array:
   """``nn.Embed.attend`` (a tied output head) with trained rows (an interceptor entry)."""
-  y = next_fun(*args, **kwargs)
-  leaves = _leaves(module)
+  y, leaves = _call(module, next_fun, args, kwargs, reached)
   if leaves is None:
     return y
-  reached.add(_tree.join(module.path))
   _, ids, rows = leaves
   query, rows = module.promote_dtype(args[0] if args else kwargs["query"], rows,
                                      dtype=module.dtype)

@@ -3,10 +3,15 @@
 A selector is one of:
   * a string: a preset name or a regular expression searched (``re.search``) in
     the '/'-joined module path, e.g. ``r'attn/(q|k|v)$'``. Presets:
-    ``'all-linear'`` (every Dense-like kernel but the output head),
+    ``'all-linear'`` (every Dense-like kernel but the output head and the
+    mixture-of-experts routers ``mlp/gate`` and ``mlp/shared_expert_gate``,
+    which stay frozen unless selected by name),
     ``'attention'`` (q/k/v/o projections: Llama's ``q_proj`` ... ``o_proj``,
-    GPT-2's ``attn/c_attn`` and ``attn/c_proj``) and ``'mlp'`` (``gate_proj``,
-    ``up_proj``, ``down_proj``; GPT-2's ``mlp/c_fc`` and ``mlp/c_proj``);
+    Phi-3's fused ``qkv_proj``, GPT-2's ``attn/c_attn`` and ``attn/c_proj``) and
+    ``'mlp'`` (``gate_proj``, ``up_proj``, ``down_proj``, Phi-3's ``gate_up_proj``,
+    GPT-2's ``mlp/c_fc`` and ``mlp/c_proj``, and in mixture-of-experts layers
+    the stacked ``mlp/experts/gate_up_proj`` and ``mlp/experts/down_proj``
+    and the shared expert's projections);
   * a callable ``(path, kernel) -> bool`` taking that path and the kernel leaf;
   * a tuple or list of selectors, matching when any of them matches.
 """
@@ -24,9 +29,12 @@ Selector = Union[str, Callable[[str, Any], bool], tuple, list]
 
 # Presets for the jaxlora.models naming (which follows Hugging Face's).
 _NAMED = {
-    "attention": r"(^|/)(self_attn|attn)/(q_proj|k_proj|v_proj|o_proj|c_attn|c_proj)$",
-    "mlp": r"(^|/)mlp/(gate_proj|up_proj|down_proj|c_fc|c_proj)$",
+    "attention": r"(^|/)(self_attn|attn)/(q_proj|k_proj|v_proj|o_proj|qkv_proj|c_attn|c_proj)$",
+    "mlp": r"(^|/)mlp/((experts|shared_expert)/)?"
+           r"(gate_proj|up_proj|down_proj|gate_up_proj|c_fc|c_proj)$",
 }
+# Mixture-of-experts routers: trained only when named (e.g. train_extra='mlp/gate$').
+_ROUTER = re.compile(r"(^|/)mlp/(gate|shared_expert_gate)$")
 PRESETS = ("all-linear",) + tuple(_NAMED)
 
 
@@ -60,10 +68,10 @@ def _all_linear(layout: layout_lib.Layout | None) -> Callable[[str, Any], bool]:
   def pred(path: str, kernel: Any) -> bool:
     if layout is not None:
       info = layout.kernels.get(path)
-      return info is not None and not info.is_head
+      return info is not None and not info.is_head and not _ROUTER.search(path)
     # Without a layout only plain 2-D kernels are known to be Dense layers;
     # `wrap` rejects N-D ones with a message that asks for a layout.
-    return not layout_lib._HEAD_NAME.search(path)
+    return not layout_lib._HEAD_NAME.search(path) and not _ROUTER.search(path)
   return pred
 
 

@@ -231,7 +231,7 @@ def test_loading_errors(tmp_path):
                                        model_type="llama", hidden_size=32, intermediate_size=8,
                                        num_hidden_layers=1, num_attention_heads=4,
                                        rope_scaling={"rope_type": "yarn", "factor": 2.0}))
-  with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
+  with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
     jaxlora.models.from_pretrained(str(tmp_path / "rope"))
 
 

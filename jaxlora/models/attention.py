@@ -101,7 +101,7 @@ class Plan(NamedTuple):
 
 
 def plan(requested: str, *, packed: bool, cache: bool, window: int | None, dtype: Any,
-         head_dim: int, backend: str | None = None) -> Plan:
+         head_dim: int, backend: str | None = None, xla_only: str | None = None) -> Plan:
   """Picks the implementation for one call, falling back to XLA where a path cannot serve it.
 
   >>> plan("auto", packed=True, cache=False, window=None, dtype="bfloat16", head_dim=64,
@@ -110,10 +110,15 @@ def plan(requested: str, *, packed: bool, cache: bool, window: int | None, dtype
   >>> plan("cudnn", packed=False, cache=False, window=None, dtype="float32", head_dim=64,
   ...      backend="nvidia").reason
   'cuDNN fused attention runs in bfloat16/float16 only (compute dtype float32)'
+
+  ``xla_only`` is a reason the architecture needs the XLA path (soft-capped
+  logits, per-layer windows); a fused implementation then falls back with it.
   """
   impl = resolve(requested, backend=backend)
   if impl == "xla":
     return Plan("xla")
+  if xla_only:
+    return Plan("xla", xla_only)
   base = impl.split("-")[0]
   interpret = impl.endswith("-interpret")
   if cache:
@@ -188,7 +193,7 @@ def gather_rows(x: Array, index: Array) -> Array:
 
 
 def attend(q: Array, k: Array, v: Array, ctx: dict, *, implementation: str, scale: float,
-           window: int | None = None) -> Array:
+           window: int | None = None, softcap: float | None = None) -> Array:
   """Attention of ``q (batch, q, heads, dim)`` over ``k, v (batch, k, kv_heads, dim)``.
 
   Args:
@@ -199,6 +204,7 @@ def attend(q: Array, k: Array, v: Array, ctx: dict, *, implementation: str, scal
     implementation: a concrete name from `plan`.
     scale: the logit scale (usually ``1/sqrt(dim)``).
     window: sliding window (a query sees itself and the ``window - 1`` tokens before it).
+    softcap: Gemma 2's ``cap * tanh(logits / cap)`` on the scaled logits (XLA path only).
 
   Returns:
     ``(batch, q, heads, dim)`` in ``q``'s dtype.
@@ -212,7 +218,12 @@ def attend(q: Array, k: Array, v: Array, ctx: dict, *, implementation: str, scal
   True
   """
   if implementation == "xla":
+    if softcap:
+      return _capped(q, k, v, ctx["mask"], scale, softcap)
     return jax.nn.dot_product_attention(q, k, v, mask=ctx["mask"], scale=scale)
+  if softcap:
+    raise InputError(f"attention logit soft-capping runs on the XLA path only, not "
+                     f"{implementation!r}; use plan(..., xla_only=...) to choose.")
   interpret = implementation.endswith("-interpret")
   if implementation.startswith("cudnn"):  # jax partitions the cuDNN call itself
     lengths = ctx.get("lengths")
@@ -232,6 +243,18 @@ def attend(q: Array, k: Array, v: Array, ctx: dict, *, implementation: str, scal
   else:
     raise InputError(f"unknown attention implementation {implementation!r}.")
   return _per_shard(kernel, q, k, v, seg)
+
+
+def _capped(q, k, v, mask, scale, cap):
+  """XLA attention with soft-capped logits, grouped heads kept grouped (no repeated k/v)."""
+  b, t, n, d = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, t, kv, n // kv, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(scale, q.dtype)
+  logits = jnp.tanh(logits / cap) * cap
+  logits = jnp.where(mask[:, :, None], logits, jnp.finfo(logits.dtype).min)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
 
 
 def _batch_axes(mesh, rows: int) -> tuple[str, ...]:

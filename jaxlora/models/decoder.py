@@ -1,4 +1,5 @@
-"""Flax (linen) decoders for GPT-2 and the Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3).
+"""Flax (linen) decoders: GPT-2, the Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3),
+Gemma 1/2/3 (text), Phi-3 and mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE).
 
 Layers are stacked with `nn.scan` (one kernel per projection with a leading
 layer axis) and optionally rematerialised. Module names follow the Hugging Face
@@ -42,24 +43,44 @@ def _init(axes: tuple[str | None, ...], std: float = 0.02):
 
 
 class RMSNorm(nn.Module):
-  """Llama's RMSNorm: normalise in float32, cast back, then scale."""
+  """Llama's RMSNorm: normalise in float32, cast back, then scale.
+
+  With ``plus_one`` (Gemma) the stored weight ``w`` scales by ``1 + w`` and the
+  whole computation stays in float32 until the final cast, as Gemma's does.
+  """
   eps: float
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  plus_one: bool = False
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+    scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)),
                        (x.shape[-1],), self.param_dtype)
     h = x.astype(jnp.float32)
     h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-    return scale.astype(self.dtype).reshape((1,) * (h.ndim - 1) + (-1,)) * h.astype(self.dtype)
+    shape = (1,) * (h.ndim - 1) + (-1,)
+    if self.plus_one:
+      return (h * (1.0 + scale.astype(jnp.float32).reshape(shape))).astype(self.dtype)
+    return scale.astype(self.dtype).reshape(shape) * h.astype(self.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-  """Inverse RoPE frequencies, with the checkpoint's rope scaling."""
+def _rms(mod, name):
+  cfg = mod.config
+  return RMSNorm(cfg.norm_eps, mod.dtype, mod.param_dtype, cfg.norm_plus_one, name=name)
+
+
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+  """Inverse RoPE frequencies, with the checkpoint's rope scaling.
+
+  ``local``: those of the sliding-window layers (Gemma 3's own base, no scaling).
+  """
   d = cfg.head_dim
-  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+  theta = cfg.local_rope_theta if local else cfg.rope_theta
+  inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+  if local:
+    return inv.astype(np.float32)
   if cfg.rope_type == "linear":
     inv = inv / cfg.rope_factor
   elif cfg.rope_type == "llama3":
@@ -98,14 +119,21 @@ class Attention(nn.Module):
   implementation: str = "xla"  # concrete, from attention.plan
 
   @nn.compact
-  def __call__(self, h, ctx, layer_cache):
+  def __call__(self, h, ctx, layer_cache, is_local=None):
     cfg = self.config
-    attn, cos, sin, index = ctx
+    attn, cos, sin, index = ctx["attn"], ctx["cos"], ctx["sin"], ctx["index"]
+    if is_local is not None:  # alternating layers: this layer's mask and RoPE, picked at run time
+      local = ctx["local"]
+      attn = {"mask": jnp.where(is_local, local["mask"], attn["mask"])}
+      cos, sin = jnp.where(is_local, local["cos"], cos), jnp.where(is_local, local["sin"], sin)
     b, t, _ = h.shape
     n, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     if cfg.is_gpt2:
       qkv = _dense(self, 3 * n * hd, ("embed", "qkv"), "c_attn", True)(h)
       q, k, v = jnp.split(qkv, 3, axis=-1)
+    elif cfg.fused_qkv:  # Phi-3: q, k, v rows of one projection, in that order
+      qkv = _dense(self, (n + 2 * kv) * hd, ("embed", "heads"), "qkv_proj", cfg.qkv_bias)(h)
+      q, k, v = jnp.split(qkv, [n * hd, (n + kv) * hd], axis=-1)
     else:
       q = _dense(self, n * hd, ("embed", "heads"), "q_proj", cfg.qkv_bias)(h)
       k = _dense(self, kv * hd, ("embed", "kv_heads"), "k_proj", cfg.qkv_bias)(h)
@@ -114,8 +142,7 @@ class Attention(nn.Module):
     k = k.reshape(b, t, kv, hd)
     v = v.reshape(b, t, kv, hd)
     if cfg.qk_norm:
-      q = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="q_norm")(q)
-      k = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
+      q, k = _rms(self, "q_norm")(q), _rms(self, "k_norm")(k)
     if cos is not None:
       q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
     new_cache = None
@@ -125,16 +152,25 @@ class Attention(nn.Module):
       cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
       new_cache = (ck, cv)
       k, v = ck.astype(self.dtype), cv.astype(self.dtype)
+    scalar = cfg.query_pre_attn_scalar or hd
     o = attention_lib.attend(q, k, v, attn, implementation=self.implementation,
-                             scale=1.0 / math.sqrt(hd), window=cfg.sliding_window)
+                             scale=1.0 / math.sqrt(scalar), window=cfg.window,
+                             softcap=cfg.attn_softcap)
     o = o.reshape(b, t, n * hd)
     if cfg.is_gpt2:
       return _dense(self, cfg.hidden_size, ("heads", "embed"), "c_proj", True)(o), new_cache
     return _dense(self, cfg.hidden_size, ("heads", "embed"), "o_proj", cfg.o_bias)(o), new_cache
 
 
+def activation(name: str):
+  """The MLP nonlinearity of a config's ``activation`` name."""
+  if name in ("silu", "swish"):
+    return jax.nn.silu
+  return lambda x: jax.nn.gelu(x, approximate=name != "gelu")
+
+
 class MLP(nn.Module):
-  """GPT-2's GELU MLP or Llama's SwiGLU."""
+  """GPT-2's GELU MLP, or the gated MLP (SwiGLU; GeGLU for Gemma; fused for Phi-3)."""
   config: ModelConfig
   dtype: Any
   param_dtype: Any
@@ -142,14 +178,18 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, h):
     cfg = self.config
+    act = activation(cfg.activation)
     if cfg.is_gpt2:
       h = _dense(self, cfg.intermediate_size, ("embed", "mlp"), "c_fc", True)(h)
-      h = jax.nn.gelu(h, approximate=cfg.activation != "gelu")
-      return _dense(self, cfg.hidden_size, ("mlp", "embed"), "c_proj", True)(h)
-    g = _dense(self, cfg.intermediate_size, ("embed", "mlp"), "gate_proj", cfg.mlp_bias)(h)
-    u = _dense(self, cfg.intermediate_size, ("embed", "mlp"), "up_proj", cfg.mlp_bias)(h)
-    return _dense(self, cfg.hidden_size, ("mlp", "embed"), "down_proj", cfg.mlp_bias)(
-        jax.nn.silu(g) * u)
+      return _dense(self, cfg.hidden_size, ("mlp", "embed"), "c_proj", True)(act(h))
+    if cfg.fused_gate_up:  # Phi-3: gate rows first, then up
+      gu = _dense(self, 2 * cfg.intermediate_size, ("embed", "mlp"), "gate_up_proj",
+                  cfg.mlp_bias)(h)
+      g, u = jnp.split(gu, 2, axis=-1)
+    else:
+      g = _dense(self, cfg.intermediate_size, ("embed", "mlp"), "gate_proj", cfg.mlp_bias)(h)
+      u = _dense(self, cfg.intermediate_size, ("embed", "mlp"), "up_proj", cfg.mlp_bias)(h)
+    return _dense(self, cfg.hidden_size, ("mlp", "embed"), "down_proj", cfg.mlp_bias)(act(g) * u)
 
 
 class Block(nn.Module):
@@ -164,17 +204,33 @@ class Block(nn.Module):
     if cfg.is_gpt2:
       return nn.LayerNorm(cfg.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                           use_fast_variance=False, name=name)
-    return RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name=name)
+    return _rms(self, name)
+
+  def _mlp(self):
+    cfg = self.config
+    if not cfg.num_experts:
+      return MLP(cfg, self.dtype, self.param_dtype, name="mlp")
+    from jaxlora.models import moe  # pylint: disable=import-outside-toplevel
+    return moe.MoE(hidden_size=cfg.hidden_size, intermediate_size=cfg.moe_intermediate_size,
+                   num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
+                   norm_topk_prob=cfg.norm_topk_prob,
+                   shared_intermediate_size=cfg.shared_expert_intermediate_size or None,
+                   dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")
 
   @nn.compact
-  def __call__(self, x, ctx, layer_cache):
-    gpt2 = self.config.is_gpt2
+  def __call__(self, x, ctx, layer_cache, is_local=None):
+    cfg = self.config
+    gpt2 = cfg.is_gpt2
     h = self._norm("ln_1" if gpt2 else "input_layernorm")(x)
-    o, new_cache = Attention(self.config, self.dtype, self.param_dtype, self.implementation,
-                             name="attn" if gpt2 else "self_attn")(h, ctx, layer_cache)
+    o, new_cache = Attention(cfg, self.dtype, self.param_dtype, self.implementation,
+                             name="attn" if gpt2 else "self_attn")(h, ctx, layer_cache, is_local)
+    if cfg.sandwich_norm:  # Gemma 2/3: every sublayer's output is normalised too
+      x = x + self._norm("post_attention_layernorm")(o)
+      h = self._mlp()(self._norm("pre_feedforward_layernorm")(x))
+      return x + self._norm("post_feedforward_layernorm")(h), new_cache
     x = x + o
     h = self._norm("ln_2" if gpt2 else "post_attention_layernorm")(x)
-    return x + MLP(self.config, self.dtype, self.param_dtype, name="mlp")(h), new_cache
+    return x + self._mlp()(h), new_cache
 
 
 class Decoder(nn.Module):
@@ -293,8 +349,9 @@ class Decoder(nn.Module):
     cfg = self.config
     b, t = input_ids.shape
     chosen = attention_lib.plan(self.attention, packed=segment_ids is not None,
-                                cache=cache is not None, window=cfg.sliding_window,
-                                dtype=self.dtype, head_dim=cfg.head_dim)
+                                cache=cache is not None, window=cfg.window,
+                                dtype=self.dtype, head_dim=cfg.head_dim,
+                                xla_only=cfg.fused_attention_blocker)
     attention_lib.log_fallback(self.attention, chosen)
     impl = chosen.implementation
     valid = (jnp.ones((b, t), bool) if attention_mask is None
@@ -312,8 +369,8 @@ class Decoder(nn.Module):
         position_ids = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
       padded = attention_mask is not None or seg is not None
       if impl == "xla":
-        attn = {"mask": attention_lib.xla_mask(jnp.arange(t), jnp.arange(t), valid,
-                                               cfg.sliding_window, seg)}
+        masks = lambda w: {"mask": attention_lib.xla_mask(jnp.arange(t), jnp.arange(t), valid,
+                                                          w, seg)}
       elif impl.startswith("cudnn"):
         attn = {}
         if padded:  # real tokens first in every row, so that lengths describe the padding
@@ -332,15 +389,18 @@ class Decoder(nn.Module):
       if position_ids is None:  # continue each row from its last real token
         position_ids = cache["next_position"][:, None] + jnp.maximum(
             jnp.cumsum(valid, axis=-1) - 1, 0)
-      attn = {"mask": attention_lib.xla_mask(index + jnp.arange(t),
-                                             jnp.arange(key_valid.shape[1]), key_valid,
-                                             cfg.sliding_window)}
+      masks = lambda w: {"mask": attention_lib.xla_mask(
+          index + jnp.arange(t), jnp.arange(key_valid.shape[1]), key_valid, w)}
+    if impl == "xla" or cache is not None:
+      attn = masks(cfg.window)
 
     embed_name = "wte" if cfg.is_gpt2 else "embed_tokens"
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                      param_dtype=self.param_dtype,
                      embedding_init=_init(("vocab", "embed")), name=embed_name)
     x = attention_lib.shard_batch(embed(input_ids))  # rows, not features, split over devices
+    if cfg.embed_scale:  # Gemma: sqrt(hidden) rounded to the compute dtype, as transformers does
+      x = x * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
     if cfg.is_gpt2:
       wpe = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
                      param_dtype=self.param_dtype, embedding_init=_init((None, "embed"), 0.01),
@@ -348,24 +408,30 @@ class Decoder(nn.Module):
       x = x + wpe(position_ids)
       cos = sin = None
     else:
-      freqs = (position_ids[..., None].astype(jnp.float32)
-               * jnp.asarray(rope_inv_freq(cfg))[None, None, :])
-      emb = jnp.concatenate([freqs, freqs], axis=-1)
-      cos, sin = jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
+      all_local = cfg.window is not None and cfg.local_rope_theta is not None
+      cos, sin = _rope(cfg, position_ids, self.dtype, local=all_local)
+    ctx = {"attn": attn, "cos": cos, "sin": sin, "index": index, "local": None}
+    is_local = None
+    if cfg.mixed_layers:  # Gemma 2/3: each scanned layer picks the local or global context
+      local_cos, local_sin = ((cos, sin) if cfg.local_rope_theta is None
+                              else _rope(cfg, position_ids, self.dtype, local=True))
+      ctx["local"] = {"mask": masks(cfg.sliding_window)["mask"], "cos": local_cos,
+                      "sin": local_sin}
+      is_local = jnp.asarray([k == "sliding_attention" for k in cfg.layer_types or ()])
 
     block = Block
     if self.remat is not None:
       if self.remat not in REMAT_POLICIES:
         raise InputError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)} or None.")
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast, 0), length=cfg.num_hidden_layers,
+    stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                    split_rngs={"params": True},
+                    in_axes=(nn.broadcast, 0, 0), length=cfg.num_hidden_layers,
                     unroll=self.scan_unroll,
                     metadata_params={nn.PARTITION_NAME: "layers"})
     layer_cache = None if cache is None else (cache["k"], cache["v"])
     x, new_kv = stack(cfg, self.dtype, self.param_dtype, impl,
-                      name="h" if cfg.is_gpt2 else "layers")(x, (attn, cos, sin, index),
-                                                             layer_cache)
+                      name="h" if cfg.is_gpt2 else "layers")(x, ctx, layer_cache, is_local)
     if restore is not None:
       x = attention_lib.gather_rows(x, restore)
 
@@ -373,7 +439,7 @@ class Decoder(nn.Module):
       x = nn.LayerNorm(cfg.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                        use_fast_variance=False, name="ln_f")(x)
     else:
-      x = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="norm")(x)
+      x = _rms(self, "norm")(x)
     if return_hidden:
       logits = x
     elif cfg.tie_word_embeddings:
@@ -382,12 +448,30 @@ class Decoder(nn.Module):
       logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
                         param_dtype=self.param_dtype, kernel_init=_init(("embed", "vocab")),
                         name="lm_head")(x)
+    if not return_hidden and cfg.final_softcap:
+      logits = softcap(logits, cfg.final_softcap)
     if cache is None:
       return logits
     n_new = jnp.sum(valid, axis=-1).astype(jnp.int32)
     new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": key_valid, "index": index + t,
                  "next_position": cache["next_position"] + n_new}
     return logits, new_cache
+
+
+def softcap(x: Array, cap: float) -> Array:
+  """``cap * tanh(x / cap)``: Gemma 2's soft-capping of logits.
+
+  >>> float(softcap(jnp.asarray(1e6), 30.0))
+  30.0
+  """
+  return jnp.tanh(x / cap) * cap
+
+
+def _rope(cfg: ModelConfig, position_ids, dtype, local: bool):
+  freqs = (position_ids[..., None].astype(jnp.float32)
+           * jnp.asarray(rope_inv_freq(cfg, local))[None, None, :])
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
 def _check_segments(segment_ids, shape, cache):

@@ -11,7 +11,7 @@ from jaxlora import _tree
 from jaxlora import quantization
 from jaxlora import tokens
 from jaxlora._tree import A_KEY, B_KEY, KERNEL_KEY, SCALE_KEY, TOKEN_IDS_KEY, TOKEN_ROWS_KEY
-from jaxlora.models.decoder import Decoder
+from jaxlora.models.decoder import Decoder, softcap
 from jaxlora.errors import InputError
 
 
@@ -27,7 +27,14 @@ def _head(model: Decoder, params: Any) -> dict:
 
 
 def _logits(model: Decoder, head: dict, h: jax.Array) -> jax.Array:
-  """The decoder's head on `h`, with its dtype promotion (and LoRA term, if adapted)."""
+  """The decoder's head on `h`, with its dtype promotion, LoRA term (if adapted) and
+  final soft-capping (Gemma 2)."""
+  y = _raw_logits(model, head, h)
+  cap = model.config.final_softcap
+  return y if not cap else softcap(y, cap)
+
+
+def _raw_logits(model: Decoder, head: dict, h: jax.Array) -> jax.Array:
   dt = model.dtype
   if "embedding" in head:  # nn.Embed.attend
     table = head["embedding"]

@@ -105,8 +105,9 @@ def _attention_kind(model: Any, mesh: Mesh, attention: str) -> str:
   backend = {"cudnn": "nvidia", "flash": "nvidia", "splash": "tpu"}.get(base)
   if backend is None:
     backend = _mesh_backend(mesh)
-  chosen = attention_lib.plan(attention, packed=False, cache=False, window=cfg.sliding_window,
-                              dtype=model.dtype, head_dim=cfg.head_dim, backend=backend)
+  chosen = attention_lib.plan(attention, packed=False, cache=False, window=cfg.window,
+                              dtype=model.dtype, head_dim=cfg.head_dim, backend=backend,
+                              xla_only=cfg.fused_attention_blocker)
   # 'cudnn-interpret' runs jax.nn.dot_product_attention's XLA implementation.
   return "xla" if chosen.implementation in ("xla", "cudnn-interpret") else "fused"
 
@@ -167,7 +168,12 @@ def _activation_plan(model: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]], w
   hd = cfg.head_dim
   heads = cfg.num_attention_heads // _axis_size(mesh, rules, "heads", cfg.num_attention_heads)
   kv = cfg.num_key_value_heads // _axis_size(mesh, rules, "kv_heads", cfg.num_key_value_heads)
-  inter = cfg.intermediate_size // _axis_size(mesh, rules, "mlp", cfg.intermediate_size)
+  if cfg.num_experts:  # each token passes top_k experts (and the shared expert)
+    width = cfg.num_experts_per_tok * cfg.moe_intermediate_size \
+        + cfg.shared_expert_intermediate_size
+    inter = width // _axis_size(mesh, rules, "mlp", cfg.moe_intermediate_size)
+  else:
+    inter = cfg.intermediate_size // _axis_size(mesh, rules, "mlp", cfg.intermediate_size)
   vocab = cfg.vocab_size // _axis_size(mesh, rules, "vocab", cfg.vocab_size)
   q = heads * hd
   k = q if cfg.is_gpt2 else kv * hd
@@ -186,15 +192,21 @@ def _activation_plan(model: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]], w
                    ("self_attn", "v_proj"): k, ("self_attn", "o_proj"): d,
                    ("mlp", "gate_proj"): inter, ("mlp", "up_proj"): inter,
                    ("mlp", "down_proj"): d}
-    last = ("mlp", "down_proj")
+    if cfg.fused_qkv:  # Phi-3
+      projections.update({("self_attn", "qkv_proj"): q + 2 * k, ("mlp", "gate_up_proj"): 2 * inter})
+    if cfg.num_experts:  # the experts' outputs, by token and chosen expert
+      projections.update({("experts", "gate_up_proj"): 2 * inter, ("experts", "down_proj"): d})
+    last = ("experts", "down_proj") if cfg.num_experts else ("mlp", "down_proj")
     projections_attn = "self_attn"
   ranks = {}
   layers = "h" if cfg.is_gpt2 else "layers"
   for path, mod in _tree.adapter_modules(_tree.get_params(wrapped)):
     if path[0] == layers and tuple(path[-2:]) in projections:
       ranks[tuple(path[-2:])] = int(mod[A_KEY].shape[-1])
-  # x @ A of every adapted projection, by half of the layer.
-  lowrank = {part: n * sum(r for name, r in ranks.items() if name[0] == part)
+  # x @ A of every adapted projection, by half of the layer (an expert's on top_k rows).
+  per_token = lambda name: cfg.num_experts_per_tok if name[0] == "experts" else 1
+  lowrank = {part: n * sum(r * per_token(name) for name, r in ranks.items()
+                           if (name[0] == part) or (part == "mlp" and name[0] == "experts"))
              for part in (projections_attn, "mlp")}
 
   # Policy None: everything the backward pass reads, as XLA keeps it (a reshaped copy

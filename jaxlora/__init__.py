@@ -2,6 +2,7 @@
 
 from jaxlora import dora
 from jaxlora import errors
+from jaxlora import experts
 from jaxlora import model_api
 from jaxlora import models
 from jaxlora import peft
@@ -36,6 +37,7 @@ __all__ = [
     "dequantize",
     "dora",
     "errors",
+    "experts",
     "generate",
     "layout",
     "load",

@@ -327,6 +327,11 @@ def _check_layer(module, args, kwargs, scale, adapter_ids) -> tuple[str, ...]:
     raise InputError(f"'{path}' ({type(module).__name__}): DoRA runs on nn.Dense, nn.DenseGeneral "
                      "(without batch_dims) and nn.Einsum layers; wrap this layer without "
                      "use_dora.")
+  if found[0] == layout_lib.EXPERT_DENSE:
+    raise InputError(f"'{path}' (ExpertDense) holds a DoRA adapter: DoRA's per-output-unit "
+                     "factor would differ per expert, which jaxlora does not implement for "
+                     "grouped expert kernels. Wrap the expert layers without use_dora, or "
+                     "exclude them (e.g. exclude='experts').")
   if isinstance(module, nn.Einsum) and "." in _einsum_units(module, args, kwargs)[0]:
     raise InputError(f"'{path}': DoRA cannot place its per-unit factor in the output of the "
                      f"einsum {_einsum_units(module, args, kwargs)[0]!r} (an ellipsis). Write "

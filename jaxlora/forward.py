@@ -21,6 +21,7 @@ from jax import lax
 
 from jaxlora import _tree
 from jaxlora import dora
+from jaxlora import experts
 from jaxlora import kernel_layout as layout_lib
 from jaxlora import quantization
 from jaxlora import tokens
@@ -129,6 +130,7 @@ _HANDLERS: dict[type, Callable[..., jax.Array]] = {
     nn.Dense: _dense,
     nn.DenseGeneral: _dense_general,
     nn.Einsum: _einsum,
+    experts.ExpertDense: experts.lora_term,  # per-expert factors on tokens sorted by expert
 }
 
 

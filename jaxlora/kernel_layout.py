@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import _tree
+from jaxlora import experts
 from jaxlora.errors import InputError, InputTypeError
 
 # Roles of a kernel axis. 'stack': added by a lifted transform such as `nn.scan`
@@ -25,6 +26,7 @@ from jaxlora.errors import InputError, InputTypeError
 STACK, BATCH, IN, OUT = "stack", "batch", "in", "out"
 
 DENSE, DENSE_GENERAL, EINSUM = "Dense", "DenseGeneral", "Einsum"
+EXPERT_DENSE = "ExpertDense"
 
 _HEAD_NAME = re.compile(r"(^|/)(lm_head|head|logits|output_head|classifier|score)$")
 
@@ -137,6 +139,9 @@ def local_roles(module: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any
     if eq is None:  # flax's own call raises: the equation must be given somewhere
       return None
     return EINSUM, einsum_roles(eq)
+  if isinstance(module, experts.ExpertDense):
+    # The expert axis is shared like an einsum batch axis: one A and B per expert.
+    return EXPERT_DENSE, (BATCH, IN, OUT)
   return None
 
 

@@ -37,7 +37,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 # PEFT options that change what an adapter computes; refused rather than ignored.
-_UNSUPPORTED = ("lora_bias", "target_parameters",
+_UNSUPPORTED = ("lora_bias",
                 "layer_replication", "use_qalora",
                 "alora_invocation_tokens", "use_bdlora", "megatron_config", "arrow_config",
                 "monteclora_config", "kasa_config")
@@ -102,12 +102,22 @@ def save(path: str, tree: Any, *, model: model_api.HubNames,
   leaf_names: set[str] = set()
   adapted: set[tuple[str, ...]] = set()
   stacked_paths: set[tuple[str, ...]] = set()  # modules with a layer axis (nn.scan)
+  experts: dict[str, dict[str, tuple[np.ndarray, np.ndarray, float]]] = {}
+  expert_paths: set[tuple[str, ...]] = set()
   for path_t, mod in mods:
     a = _multihost.host_value(mod[A_KEY])
     b = _multihost.host_value(mod[B_KEY])
     s = _multihost.host_value(mod[SCALE_KEY]).astype(np.float64)
     if dtype is not None:
       a, b = a.astype(dtype), b.astype(dtype)
+    if a.ndim == 3 + s.ndim and b.ndim == 3 + s.ndim:  # stacked experts (E, in, r): target_parameters
+      for i in (range(s.shape[0]) if s.ndim else [None]):
+        name = model.hf_module_name(path_t, i)
+        ai, bi, si = (a[i], b[i], float(s[i])) if s.ndim else (a, b, float(s))
+        module, param = name.rsplit(".", 1)
+        experts.setdefault(module, {})[param] = (ai, bi, si)
+      expert_paths.add(path_t)
+      continue
     mag = _dora_host(mod, dtype)
     stacked = s.ndim == 1
     if a.ndim != 2 + s.ndim or b.ndim != 2 + s.ndim:
@@ -129,6 +139,7 @@ def save(path: str, tree: Any, *, model: model_api.HubNames,
     if stacked:
       stacked_paths.add(path_t)
 
+  target_parameters = _save_param_wrappers(experts, tensors, ranks, alphas, use_rslora)
   saved_modules = _save_full_leaves(p, model, tensors, dtype)
   token_tensors, token_indices = tokens.peft_export(p, model, dtype)  # trained token rows
   tensors.update(token_tensors)
@@ -139,11 +150,12 @@ def save(path: str, tree: Any, *, model: model_api.HubNames,
   alpha_pattern = {re.escape(n): a for n, a in alphas.items() if a != alpha0}
   # Plain module names when they pick exactly the adapted modules (what vLLM and most tools
   # expect); otherwise a regex that PEFT full-matches against module names.
-  all_kernels = {pt for pt, _ in _tree.kernel_modules(p)}
+  all_kernels = {pt for pt, _ in _tree.kernel_modules(p)} - expert_paths
   same_name = {pt for pt in all_kernels if pt[-1] in leaf_names}
-  if same_name == adapted:
-    target_modules: Any = sorted(leaf_names)
-  else:
+  target_modules: Any = []
+  if adapted and same_name == adapted:
+    target_modules = sorted(leaf_names)
+  elif adapted:
     alts = sorted(re.escape(model.hf_module_name(pt, 0 if pt in stacked_paths else None))
                   .replace(r"\.0\.", r"\.\d+\.", 1) for pt in adapted)
     target_modules = "(" + "|".join(alts) + ")"
@@ -159,10 +171,125 @@ def save(path: str, tree: Any, *, model: model_api.HubNames,
       "layers_pattern": None,
       "inference_mode": True, "base_model_name_or_path": base_model_name_or_path,
       "trainable_token_indices": token_indices,
+      "target_parameters": target_parameters or None,
   }
   if _multihost.is_writer():
     _write(os.fspath(path), tensors, config)
   _multihost.barrier("jaxlora.peft.save: done")
+
+
+# ------------------------------------------------------------------------------ experts
+# PEFT adapts a stacked expert parameter (transformers' ``experts.gate_up_proj``, shaped
+# ``(E, out, in)``) through ``target_parameters``: a ``ParamWrapper`` around the experts module
+# holds ``lora_A.weight`` ``(E*r, in)`` (row ``e*r + j`` is expert e's row j) and
+# ``lora_B.weight`` ``(out, r*E)`` (column ``j*E + e``), scale ``alpha / r``. Two adapted
+# parameters of one module nest: the one wrapped first (transformers' definition order)
+# sits under ``base_layer.``.
+_EXPERT_PARAM_ORDER = ("gate_up_proj", "down_proj")
+_WRAPPED_KEY = re.compile(r"(?:base_model\.model\.)?(.+?)((?:\.base_layer)*)\.lora_([AB])\.weight")
+
+
+def _param_depths(params: list[str]) -> dict[str, int]:
+  """How many ``base_layer.`` levels PEFT puts before each adapted parameter's factors."""
+  order = sorted(params, key=lambda n: (_EXPERT_PARAM_ORDER.index(n)
+                                        if n in _EXPERT_PARAM_ORDER else len(_EXPERT_PARAM_ORDER), n))
+  return {n: len(order) - 1 - i for i, n in enumerate(order)}
+
+
+def _save_param_wrappers(experts: Mapping, tensors: dict, ranks: dict, alphas: dict,
+                         use_rslora: bool) -> list[str]:
+  """Writes the stacked-expert adapters in PEFT's ParamWrapper layout; their
+  ``target_parameters`` entries."""
+  targets = set()
+  for module, params in experts.items():
+    depths = _param_depths(list(params))
+    r_mod = {params[n][0].shape[-1] for n in params}
+    a_mod = {params[n][2] * (math.sqrt(r) if use_rslora else r)
+             for n in params for r in [params[n][0].shape[-1]]}
+    if len(r_mod) > 1 or len(a_mod) > 1:
+      raise InputError(f"'{module}': its expert parameters {sorted(params)} have ranks "
+                       f"{sorted(r_mod)} and alphas {sorted(a_mod)}; PEFT keys rank_pattern and "
+                       "alpha_pattern by module, so they need one rank and one alpha.")
+    for param, (a, b, scale) in params.items():
+      e, n_in, r = a.shape
+      key = f"{_PREFIX}{module}.{'base_layer.' * depths[param]}"
+      tensors[key + "lora_A.weight"] = np.ascontiguousarray(a.transpose(0, 2, 1).reshape(e * r, n_in))
+      tensors[key + "lora_B.weight"] = np.ascontiguousarray(
+          b.transpose(2, 1, 0).reshape(b.shape[-1], r * e))
+      ranks[module] = r
+      alphas[module] = scale * (math.sqrt(r) if use_rslora else r)
+      targets.add(re.sub(r"^.*?\.\d+\.", "", f"{module}.{param}"))
+  return sorted(targets)
+
+
+def _load_param_wrappers(path: str, weights: dict[str, np.ndarray], pc: Mapping, p: Mapping,
+                         model: model_api.HubNames, dtype: Any) -> dict:
+  """The stacked-expert adapters of a PEFT ``target_parameters`` adapter, by module path;
+  their tensors are taken out of `weights`."""
+  targets = pc.get("target_parameters") or []
+  if isinstance(targets, str):
+    targets = [targets]
+  owners = {t.rsplit(".", 1)[0] for t in targets}
+  found: dict[str, dict[int, dict[str, np.ndarray]]] = {}  # module -> depth -> {"A", "B"}
+  for key in list(weights):
+    m = _WRAPPED_KEY.fullmatch(key)
+    if m is None or not any(m.group(1) == o or m.group(1).endswith("." + o) for o in owners):
+      continue
+    depth = m.group(2).count(".base_layer")
+    found.setdefault(m.group(1), {}).setdefault(depth, {})[m.group(3)] = weights.pop(key)
+  use_rslora = bool(pc.get("use_rslora", False))
+  per_path: dict[tuple[str, ...], dict[int | None, tuple[np.ndarray, np.ndarray, float]]] = {}
+  for module, by_depth in sorted(found.items()):
+    for f in by_depth.values():
+      if set(f) != {"A", "B"}:
+        raise InputError(f"{path}: '{module}' lacks lora_{'B' if 'A' in f else 'A'}.weight.")
+      cands = []
+      for t in targets:
+        param = t.rsplit(".", 1)[1]
+        if not (module + "." + param).endswith(t):
+          continue
+        module_path, layer = model.flax_module_path(f"{module}.{param}")
+        node = _tree.lookup(p, module_path, None)
+        kernel = node.get(KERNEL_KEY) if isinstance(node, Mapping) else None
+        if kernel is None or kernel.ndim < 3:
+          continue
+        e, n_in, n_out = kernel.shape[-3:]
+        if (f["A"].shape[1] == n_in and f["B"].shape[0] == n_out
+            and f["A"].shape[0] % e == 0 and f["B"].shape[1] == f["A"].shape[0]):
+          cands.append((module_path, layer, e))
+      if len(cands) != 1:
+        raise InputError(
+            f"{path}: lora_A {f['A'].shape} / lora_B {f['B'].shape} of '{module}' fit "
+            f"{len(cands)} of the stacked expert kernels named by target_parameters {targets}; "
+            "is this adapter for this model?")
+      module_path, layer, e = cands[0]
+      r = f["A"].shape[0] // e
+      a = f["A"].reshape(e, r, -1).transpose(0, 2, 1)
+      b = f["B"].reshape(f["B"].shape[0], r, e).transpose(2, 1, 0)
+      alpha = _pattern(pc.get("alpha_pattern") or {}, module, pc.get("lora_alpha", 8))
+      per_path.setdefault(module_path, {})[layer] = (a, b, alpha / (math.sqrt(r) if use_rslora
+                                                                   else r))
+  new = {}
+  for module_path, per_layer in per_path.items():
+    node = _tree.lookup(p, module_path)
+    kernel = node[KERNEL_KEY]
+    stacked = None not in per_layer
+    lead = (kernel.shape[0],) if stacked else ()
+    e, n_in, n_out = kernel.shape[-3:]
+    r_max = max(f[0].shape[-1] for f in per_layer.values())
+    a_all = np.zeros(lead + (e, n_in, r_max), np.float32)
+    b_all = np.zeros(lead + (e, r_max, n_out), np.float32)
+    s_all = np.zeros(lead, np.float32)
+    for layer, (a, b, scale) in per_layer.items():
+      idx = (layer,) if stacked else ()
+      r = a.shape[-1]
+      a_all[idx + (slice(None), slice(None), slice(0, r))] = a
+      b_all[idx + (slice(None), slice(0, r))] = b
+      s_all[idx] = scale
+    new[module_path] = dict(node, **{A_KEY: jnp.asarray(a_all, dtype),
+                                     B_KEY: jnp.asarray(b_all, dtype),
+                                     SCALE_KEY: jnp.asarray(s_all)})
+  return new
 
 
 def _full_leaves(p: Mapping):
@@ -442,7 +569,9 @@ def load(path: str, base_params: Any, *, model: model_api.HubNames,
   if _tree.adapter_modules(p):
     raise InputError("`base_params` already hold an adapter; pass the unwrapped base params.")
   weights = _read_weights(path)
-  full = _load_full_leaves(path, weights, pc, p, model)  # takes its tensors out of `weights`
+  # Both take their tensors out of `weights`.
+  wrapped_params = _load_param_wrappers(path, weights, pc, p, model, dtype)
+  full = _load_full_leaves(path, weights, pc, p, model)
   use_rslora = bool(pc.get("use_rslora", False))
   # module path -> layer (None when not stacked) -> {"A": array, "B": array, "name": hf name}
   factors: dict[tuple[str, ...], dict[int | None, dict[str, Any]]] = {}
@@ -504,6 +633,7 @@ def load(path: str, base_params: Any, *, model: model_api.HubNames,
           l: (f["A"].shape[0], float(s[(l,) if stacked else ()])) for l, f in per_layer.items()})
     _dora_load(path, pc, mod, per_layer, dtype)
     new[module_path] = mod
+  new.update(wrapped_params)
   out = tokens.peft_import(path, pc.get("trainable_token_indices"), weights,
                            _tree.replace_modules(p, new), model, dtype)
   return _tree.with_params(base_params, _tree.overlay(out, full))

@@ -144,12 +144,20 @@ def quantized_sharding(q: Any, kernel_sharding: Any) -> Any:
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical axis names used by jaxlora.models -> mesh axes.
+# Logical axis names used by jaxlora.models -> mesh axes. The mesh has no expert axis, so
+# stacked expert kernels ("expert", in, out) are sharded over their in/out axes like dense ones.
 FSDP_RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vocab", None), ("heads", None),
-              ("kv_heads", None), ("qkv", None), ("mlp", None), ("layers", None), ("norm", None))
+              ("kv_heads", None), ("qkv", None), ("mlp", None), ("layers", None), ("norm", None),
+              ("expert", None))
 FSDP_TP_RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vocab", "tensor"),
                  ("heads", "tensor"), ("kv_heads", "tensor"), ("qkv", "tensor"),
-                 ("mlp", "tensor"), ("layers", None), ("norm", None))
+                 ("mlp", "tensor"), ("layers", None), ("norm", None), ("expert", None))
+# Expert parallelism: each device of the 'fsdp' axis holds whole experts of a mixture-of-experts
+# layer (the stacked expert axis is split, their hidden axis is not); every other kernel is
+# sharded as with FSDP_RULES. The 'expert' rule must come before 'embed': a mesh axis shards
+# one dimension of an array, and flax gives it to the first rule that claims it.
+EP_RULES = (("batch", ("data", "fsdp")), ("expert", "fsdp")) + tuple(
+    r for r in FSDP_RULES if r[0] not in ("batch", "expert"))
 
 
 def make_mesh(*, data: int = 1, fsdp: int = -1, tensor: int = 1,

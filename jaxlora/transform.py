@@ -199,6 +199,10 @@ def wrap(params: PyTree, *, key: jax.Array | None = None, rank: int = 16,
     kernel = mod[KERNEL_KEY]
     shape = tuple(kernel.shape)
     roles = kernel_roles(path, kernel, layout)
+    if use_dora and layout is not None and layout[path].kind == layout_lib.EXPERT_DENSE:
+      raise InputError(f"use_dora=True selects '{path}', an ExpertDense (stacked expert "
+                       "kernels), where DoRA is not supported. Leave the experts out with "
+                       "exclude='experts', or wrap without use_dora.")
     r = _check_rank(targets_lib.match_pattern(rank_pattern, path, rank), f"rank for '{path}'")
     a = float(targets_lib.match_pattern(alpha_pattern, path, base_alpha))
     n_in = layout_lib.fan_in(shape, roles)

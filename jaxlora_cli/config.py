@@ -178,6 +178,9 @@ class TrainSection:
       512, "sequence positions per chunk of the output head and loss, so the full float32 "
       "logits never exist (the same loss); 0: full logits. An adapter on the head gets no LoRA "
       "dropout when chunked", ge=0)
+  router_aux_loss_coef: float = key(
+      0.0, "mixture-of-experts models: weight of the router load-balancing loss added to the "
+      "objective (config.json's router_aux_loss_coef is the usual value; 0: off)", ge=0)
 
 
 @dataclasses.dataclass
@@ -186,8 +189,9 @@ class MeshSection:
   data: int = key(1, "data-parallel mesh size (params replicated)")
   fsdp: int = key(-1, "FSDP mesh size (params and batch sharded); -1: all remaining devices")
   tensor: int = key(1, "tensor-parallel mesh size")
-  rules: str = key("fsdp", "logical-axis rules: fsdp (shard the embed axis) or fsdp_tp (plus "
-                   "heads/mlp over tensor)", choices=("fsdp", "fsdp_tp"))
+  rules: str = key("fsdp", "logical-axis rules: fsdp (shard the embed axis), fsdp_tp (plus "
+                   "heads/mlp over tensor) or ep (mixture of experts: whole experts per fsdp "
+                   "device, other kernels as fsdp)", choices=("fsdp", "fsdp_tp", "ep"))
 
 
 @dataclasses.dataclass

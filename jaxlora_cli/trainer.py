@@ -46,8 +46,8 @@ def make_mesh(cfg: Config):
 
 
 def rules(cfg: Config):
-  return (jaxlora.sharding.FSDP_TP_RULES if cfg.mesh.rules == "fsdp_tp"
-          else jaxlora.sharding.FSDP_RULES)
+  return {"fsdp_tp": jaxlora.sharding.FSDP_TP_RULES,
+          "ep": jaxlora.sharding.EP_RULES}.get(cfg.mesh.rules, jaxlora.sharding.FSDP_RULES)
 
 
 def load_model(cfg: Config, mesh=None):
@@ -151,7 +151,7 @@ def loss_weights(batch) -> jax.Array:
 
 
 def _weighted_losses(fwd, trainable, frozen, batch, key, weight_sets, *, model=None,
-                     chunk_size: int = 0):
+                     chunk_size: int = 0, aux_coef: float = 0.0):
   """``sum(cross-entropy * w)`` for each ``w`` in `weight_sets`, from one forward pass.
 
   Each ``w`` is (batch, seq - 1), as `loss_weights`. With `chunk_size` > 0 the
@@ -159,7 +159,9 @@ def _weighted_losses(fwd, trainable, frozen, batch, key, weight_sets, *, model=N
   head chunk by chunk, so the float32 (batch, seq, vocab) logits never exist;
   `fwd` must then skip its reached-adapter check (the head's adapter, if any, is
   applied by the loss). A batch with ``adapter_ids`` (batch, 1) runs each row
-  with its adapter of the bank.
+  with its adapter of the bank. With `aux_coef` > 0 (a mixture-of-experts model)
+  each sum also gets ``aux_coef * load-balancing loss * sum(w)``, so that the
+  mean over tokens is the cross-entropy plus the weighted auxiliary loss.
   """
   params = jaxlora.combine(trainable, frozen)
   kwargs = {"attention_mask": batch["attention_mask"],
@@ -169,19 +171,39 @@ def _weighted_losses(fwd, trainable, frozen, batch, key, weight_sets, *, model=N
   if "adapter_ids" in batch:  # an adapter bank: row i runs with adapter adapter_ids[i]
     kwargs["adapter_ids"] = batch["adapter_ids"][:, 0]
   labels = batch["input_ids"][:, 1:]
+  aux = 0.0
+  if aux_coef:
+    kwargs["mutable"] = ["intermediates"]
+  out = fwd({"params": params}, batch["input_ids"], return_hidden=chunk_size > 0, **kwargs)
+  if aux_coef:
+    out, state = out
+    aux = aux_coef * _router_aux_loss(model, state, batch["attention_mask"])
   if chunk_size > 0:
-    hidden = fwd({"params": params}, batch["input_ids"], return_hidden=True, **kwargs)
-    return [jaxlora.models.chunked_cross_entropy(model, params, hidden[:, :-1], labels, w,
+    return [jaxlora.models.chunked_cross_entropy(model, params, out[:, :-1], labels, w,
                                                  chunk_size=chunk_size, reduction="sum")
-            for w in weight_sets]
-  logits = fwd({"params": params}, batch["input_ids"], **kwargs)
-  logits = logits[:, :-1].astype(jnp.float32)
+            + aux * jnp.sum(w) for w in weight_sets]
+  logits = out[:, :-1].astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return [jnp.sum(ce * w) for w in weight_sets]
+  return [jnp.sum(ce * w) + aux * jnp.sum(w) for w in weight_sets]
+
+
+def _router_aux_loss(model, state, attention_mask):
+  """The load-balancing loss of the router logits a mixture-of-experts model sowed."""
+  from jaxlora.models import moe  # pylint: disable=import-outside-toplevel
+  found = [v for path, v in jax.tree_util.tree_flatten_with_path(
+      state.get("intermediates", {}), is_leaf=lambda x: isinstance(x, tuple))[0]
+           if getattr(path[-1], "key", None) == "router_logits"]
+  if not found:
+    raise ValueError("train.router_aux_loss_coef > 0 but the model sowed no router logits; it "
+                     "applies to mixture-of-experts models only (set it to 0).")
+  logits = jnp.concatenate([jnp.asarray(x).reshape(-1, *jnp.shape(x)[-2:]) for x in found[0]])
+  cfg = model.config
+  return moe.load_balancing_loss(logits, cfg.num_experts, cfg.num_experts_per_tok,
+                                 attention_mask)
 
 
 def _token_loss(fwd, trainable, frozen, batch, key, *, model=None, chunk_size: int = 0,
-                row_scale=None):
+                row_scale=None, aux_coef: float = 0.0):
   """Summed cross-entropy over target tokens, and their count.
 
   `row_scale` (batch,) multiplies each row's terms (the per-adapter
@@ -190,21 +212,25 @@ def _token_loss(fwd, trainable, frozen, batch, key, *, model=None, chunk_size: i
   weights = loss_weights(batch)
   scaled = weights if row_scale is None else weights * row_scale[:, None]
   total, = _weighted_losses(fwd, trainable, frozen, batch, key, [scaled], model=model,
-                            chunk_size=chunk_size)
+                            chunk_size=chunk_size, aux_coef=aux_coef)
   return total, jnp.sum(weights)
 
 
-def make_loss(model, dropout: float = 0.0, loss_chunk_size: int = 512):
+def make_loss(model, dropout: float = 0.0, loss_chunk_size: int = 512,
+              router_aux_loss_coef: float = 0.0):
   """``loss(trainable, frozen, batch, key, row_scale=None) -> (summed cross-entropy, count)``.
 
   `batch` holds one micro-batch (batch, seq) arrays; `key` None disables dropout.
+  `router_aux_loss_coef` adds that multiple of the load-balancing loss (mixture of
+  experts) per token.
   """
   # The chunked loss applies the head's adapter itself, so the forward pass leaves it unused.
   fwd = jaxlora.apply(model.apply, dropout=dropout, check_reached=loss_chunk_size == 0)
 
   def loss(trainable, frozen, batch, key, row_scale=None):
     return _token_loss(fwd, trainable, frozen, batch, key, model=model,
-                       chunk_size=loss_chunk_size, row_scale=row_scale)
+                       chunk_size=loss_chunk_size, row_scale=row_scale,
+                       aux_coef=router_aux_loss_coef)
 
   return loss
 
@@ -221,7 +247,7 @@ def adapter_token_counts(batch, capacity: int) -> jax.Array:
 
 
 def make_grads(model, dropout: float = 0.0, *, loss_chunk_size: int = 512,
-               capacity: int | None = None):
+               capacity: int | None = None, router_aux_loss_coef: float = 0.0):
   """``grads(trainable, frozen, batch, key) -> (grads, metrics)`` of one step's batch.
 
   `batch` holds (accum, batch, seq) arrays. The loss is the mean over every
@@ -232,7 +258,7 @@ def make_grads(model, dropout: float = 0.0, *, loss_chunk_size: int = 512,
   training it alone on those rows, whatever the mix of the batch. The
   reported ``loss`` is then the mean over the adapters present in the step.
   """
-  loss_fn = make_loss(model, dropout, loss_chunk_size)
+  loss_fn = make_loss(model, dropout, loss_chunk_size, router_aux_loss_coef)
 
   def grads_fn(trainable, frozen, batch, key):
     keys = jax.random.split(key, batch["input_ids"].shape[0])
@@ -264,13 +290,14 @@ def make_grads(model, dropout: float = 0.0, *, loss_chunk_size: int = 512,
 
 
 def make_train_step(model, tx, dropout: float, shardings=None, *, loss_chunk_size: int = 512,
-                    capacity: int | None = None):
+                    capacity: int | None = None, router_aux_loss_coef: float = 0.0):
   """The jitted step; `shardings` = (trainable, opt_state, frozen, batch, replicated).
 
   `loss_chunk_size` as `train.loss_chunk_size` (0: the loss from full logits);
   `capacity`: the adapter bank's slots, for the per-adapter loss of `make_grads`.
   """
-  grads_fn = make_grads(model, dropout, loss_chunk_size=loss_chunk_size, capacity=capacity)
+  grads_fn = make_grads(model, dropout, loss_chunk_size=loss_chunk_size, capacity=capacity,
+                        router_aux_loss_coef=router_aux_loss_coef)
 
   def step(trainable, opt_state, frozen, batch, key):
     grads, m = grads_fn(trainable, frozen, batch, key)
@@ -592,13 +619,18 @@ def setup(cfg: Config, mesh, resume: bool, log=print) -> tuple[Run, TrainState]:
       data_lib.eval_batches(eval_ex, cfg.train.batch_size, cfg.data.max_length, pid,
                             cfg.train.eval_batches, pad_rows=True, adapter_index=adapter_index),
       bank=bank is not None)
+  if cfg.train.router_aux_loss_coef and not getattr(model.config, "num_experts", 0):
+    raise ValueError(f"train.router_aux_loss_coef={cfg.train.router_aux_loss_coef} applies to "
+                     f"mixture-of-experts models, but {cfg.model.path!r} is a dense "
+                     f"{model.config.model_type!r} model; set it to 0.")
   run = Run(
       cfg=cfg, out=out, model=model, params=params, tokenizer=tok, train_examples=train_ex,
       eval_examples=eval_ex, names=names, bank=bank, summary=jaxlora.summary(single),
       frozen=frozen, lr_schedule=lr_schedule,
       step_fn=make_train_step(model, tx, cfg.lora.dropout, (t_sh, o_sh, f_sh, b_sh, rep),
                               loss_chunk_size=cfg.train.loss_chunk_size,
-                              capacity=None if bank is None else len(names)),
+                              capacity=None if bank is None else len(names),
+                              router_aux_loss_coef=cfg.train.router_aux_loss_coef),
       place=place, rows=rows,
       batcher=data_lib.Batcher(train_ex, cfg.train.batch_size, cfg.data.max_length,
                                cfg.data.seed, pid, packing=cfg.data.packing,

@@ -68,7 +68,7 @@ def test_defaults_types_and_coercion():
     ("data.format=csv", "one of text, prompt_completion, chat"),
     ("model.dtype=int8", "one of float32, bfloat16, float16"),
     ("model.quantize=nf5", "one of null, nf4, fp4, int8"),
-    ("mesh.rules=tp", "one of fsdp, fsdp_tp"),
+    ("mesh.rules=tp", "one of fsdp, fsdp_tp, ep"),
     ("lora.rank=0", "positive"),
     ("train.lr=-1", "positive"),
     ("lora.dropout=1", "in [0, 1)"),

@@ -77,7 +77,7 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
   ``local``: those of the sliding-window layers (Gemma 3's own base, no scaling).
   """
   d = cfg.head_dim
-  theta = cfg.local_rope_theta if local else cfg.rope_theta
+  theta = (cfg.local_rope_theta or cfg.rope_theta) if local else cfg.rope_theta
   inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
   if local:
     return inv.astype(np.float32)

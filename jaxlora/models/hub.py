@@ -41,6 +41,38 @@ def _hf_name(cfg: ModelConfig, path: tuple[str, ...], layer: int | None, prefix:
   return (prefix if cfg.is_gpt2 else "model.") + name
 
 
+# Mixture of experts: the flax kernels stack the experts, `(E, in, out)` per layer; the
+# checkpoints (as transformers writes them, and as on the Hub) hold one Linear per expert.
+_EXPERT_FILES = {
+    # model_type: (experts' module, gate, up, down)
+    "mixtral": ("block_sparse_moe.experts", "w1", "w3", "w2"),
+    "qwen2_moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj"),
+    "qwen3_moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def _is_expert_kernel(path: tuple[str, ...]) -> bool:
+  return len(path) >= 3 and path[-3] == "experts" and path[-1] == "kernel"
+
+
+def _disk_name(cfg: ModelConfig, name: str) -> str:
+  """The tensor name on disk of a module's weight (Mixtral keeps its router under
+  ``block_sparse_moe``; transformers renames it to ``mlp`` in memory)."""
+  if cfg.model_type == "mixtral":
+    return name.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight")
+  return name
+
+
+def _expert_names(cfg: ModelConfig, layer: int | None, proj: str) -> list[list[str]]:
+  """Per expert, the checkpoint tensors a stacked expert kernel concatenates (gate then up
+  for ``gate_up_proj``)."""
+  module, gate, up, down = _EXPERT_FILES[cfg.model_type]
+  parts = [gate, up] if proj == "gate_up_proj" else [down]
+  at = "" if layer is None else f"layers.{layer}."
+  return [[f"model.{at}{module}.{e}.{w}.weight" for w in parts]
+          for e in range(cfg.num_experts)]
+
+
 def _transposed(cfg: ModelConfig, path: tuple[str, ...]) -> bool:
   """PyTorch Linear stores `[out, in]`; GPT-2's Conv1D already stores `(in, out)`."""
   if path[-1] != "kernel":
@@ -227,6 +259,11 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
   # the loaded model is a float checkpoint, so it is not carried into `config.extra`.
   cfg = ModelConfig.from_hf({k: v for k, v in hf.items() if k != "quantization_config"},
                             source=source)
+  if cfg.num_experts and (qtype is not None or hf.get("quantization_config")):
+    raise InputError(f"{source}: a quantized base (quantize={quantize!r} or a bitsandbytes "
+                     f"checkpoint) is not supported for the mixture-of-experts model_type "
+                     f"{cfg.model_type!r} yet: its stacked expert kernels run as float "
+                     "grouped matmuls. Load it with quantize=None.")
   weights = _open_weights(path)
   model = Decoder(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
   abstract = _abstract_params(model)
@@ -361,8 +398,21 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
                                        block_size=0, packed=np.ascontiguousarray(w.T),
                                        absmax=scb)
 
-  def layer(path_t: tuple[str, ...], name: str, want: tuple[int, ...], transpose: bool):
-    """One layer's tensor: a float array, or a record for a quantized kernel."""
+  def experts(path_t: tuple[str, ...], layer_i: int | None, want: tuple[int, ...]):
+    """One layer's stacked expert kernel ``(E, in, out)`` from per-expert Linear weights."""
+    e, n_in, n_out = want
+    names = _expert_names(cfg, layer_i, path_t[-2])
+    width = n_out // len(names[0])
+    return np.stack([np.concatenate([fetch(n, (n_in, width), True) for n in per], axis=1)
+                     for per in names])
+
+  def layer(path_t: tuple[str, ...], name: str, want: tuple[int, ...], transpose: bool,
+            index: int | None = None):
+    """One layer's tensor (`index` in the stack): a float array, or a record for a quantized
+    kernel."""
+    if _is_expert_kernel(path_t):
+      return experts(path_t, index, want)
+    name = _disk_name(cfg, name)
     if path_t[-1] == "kernel":
       module = name[: -len(".weight")]
       if name in quant_states:
@@ -381,7 +431,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
       out: Any = None
       recs: list[Any] = []  # the layers' quantized records, when stored quantized
       for i in range(leaf.shape[0]):
-        t = layer(path_t, _hf_name(cfg, path_t, i, prefix), leaf.shape[1:], transpose)
+        t = layer(path_t, _hf_name(cfg, path_t, i, prefix), leaf.shape[1:], transpose, i)
         if i and quantization.is_quantized(t) != bool(recs):
           raise InputError(
               f"{_hf_name(cfg, path_t, i, prefix)!r} is stored "
@@ -511,11 +561,15 @@ def save_pretrained(path: str, model: Decoder, params: Any, *,
     if dtype is not None:
       arr = arr.astype(dtype)
     transpose = _transposed(cfg, path_t)
-    if path_t[0] == _scan_name(cfg):
-      for i in range(arr.shape[0]):
-        tensors[_hf_name(cfg, path_t, i, prefix)] = arr[i].T if transpose else arr[i]
-    else:
-      tensors[_hf_name(cfg, path_t, None, prefix)] = arr.T if transpose else arr
+    layers = range(arr.shape[0]) if path_t[0] == _scan_name(cfg) else [None]
+    for i in layers:
+      t = arr if i is None else arr[i]
+      if _is_expert_kernel(path_t):  # (E, in, out) -> one [out, in] Linear per expert and part
+        for e, names in enumerate(_expert_names(cfg, i, path_t[-2])):
+          for n, part in zip(names, np.split(t[e], len(names), axis=1)):
+            tensors[n] = np.ascontiguousarray(part.T)
+      else:
+        tensors[_disk_name(cfg, _hf_name(cfg, path_t, i, prefix))] = t.T if transpose else t
   if have:
     raise InputError(f"params hold leaves the model does not use: "
                      f"{sorted(_tree.join(k) for k in have)[:8]}.")

@@ -173,8 +173,9 @@ def _peft_forward(pm, ids, mask):
               position_ids=torch.tensor(pos)).logits.numpy()
 
 
-@pytest.mark.parametrize("family", _tiered(["mixtral", "qwen2_moe"], ("mixtral",)),
-                         indirect=True)
+# The fast tier checks PEFT interop through Phi-3's fused modules.
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"], indirect=True)
 def test_expert_lora_round_trips_with_peft_target_parameters(family, tmp_path):
   """PEFT's LoRA on the stacked experts (target_parameters) loads with equal logits, and
   jaxlora's per-expert adapters export to it."""
@@ -247,6 +248,8 @@ def _moe_step_inputs(moe_run_dir):
   return model, tree, {"input_ids": ids, "attention_mask": mask, "targets": mask}
 
 
+# The fast tier trains expert LoRA through test_moe; this step (the trainer's loss) is slow.
+@pytest.mark.slow
 def test_moe_training_step_adds_the_aux_loss_and_trains_the_router(moe_run_dir):
   """One LoRA step of a mixture-of-experts model: the loss is the cross-entropy plus the
   weighted load-balancing loss, and a router trained in full (train_extra) gets its gradient."""

@@ -109,7 +109,9 @@ def _moe_ref(x, p, top_k, norm, shared):
   return out
 
 
-@pytest.mark.parametrize("style", [pytest.param("mixtral", marks=pytest.mark.slow), "qwen"])
+# The fast tier compares the ragged path with transformers' Mixtral block instead.
+@pytest.mark.slow
+@pytest.mark.parametrize("style", ["mixtral", "qwen"])
 def test_moe_ragged_equals_dense_and_numpy(style):
   norm, shared = (True, None) if style == "mixtral" else (False, 5)
   h = jax.random.normal(jax.random.key(0), (2, 5, H))

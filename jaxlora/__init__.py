@@ -5,6 +5,7 @@ from jaxlora import errors
 from jaxlora import experts
 from jaxlora import model_api
 from jaxlora import models
+from jaxlora import nnx
 from jaxlora import peft
 from jaxlora import quantization
 from jaxlora import sharding
@@ -46,6 +47,7 @@ __all__ = [
     "merge_adapters",
     "model_api",
     "models",
+    "nnx",
     "optimizer",
     "peft",
     "quantization",

@@ -125,6 +125,27 @@ def _einsum(module, args, kwargs, x, a, b, scale):
   return jnp.transpose(y, perm) if perm != list(range(y.ndim)) else y
 
 
+def lora_term(kind: str, module: Any, args: tuple, kwargs: Mapping, x: jax.Array, a: jax.Array,
+              b: jax.Array, scale: jax.Array) -> jax.Array:
+  """``scale * (x @ A) @ B`` laid out like the output of a layer of `kind`.
+
+  For layers that are not linen modules but contract like one (`jaxlora.nnx`'s
+  `nnx.Linear`, `nnx.LinearGeneral` and `nnx.Einsum` have the same ``axis``,
+  ``einsum_str`` and ``precision`` attributes).
+
+  >>> import jax.numpy as jnp
+  >>> class Dense: precision = None
+  >>> lora_term("Dense", Dense(), (), {}, jnp.ones((1, 2)), jnp.ones((2, 1)), jnp.ones((1, 3)),
+  ...           jnp.float32(0.5)).tolist()
+  [[1.0, 1.0, 1.0]]
+  """
+  fn = {layout_lib.DENSE: _dense, layout_lib.DENSE_GENERAL: _dense_general,
+        layout_lib.EINSUM: _einsum}.get(kind)
+  if fn is None:
+    raise InputError(f"No LoRA term for layer kind {kind!r}; kinds: Dense, DenseGeneral, Einsum.")
+  return fn(module, args, kwargs, x, a, b, scale)
+
+
 # Layer kind -> function computing the LoRA term from the layer's input.
 _HANDLERS: dict[type, Callable[..., jax.Array]] = {
     nn.Dense: _dense,

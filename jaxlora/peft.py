@@ -46,7 +46,8 @@ _UNSUPPORTED = ("lora_bias",
 def save(path: str, tree: Any, *, model: model_api.HubNames,
          base_model_name_or_path: str | None = None,
          use_rslora: bool = False, dtype: Any = None,
-         init_lora_weights: bool | str = True) -> None:
+         init_lora_weights: bool | str = True,
+         task_type: str | None = "CAUSAL_LM") -> None:
   """Writes the adapter of `tree` as a PEFT LoRA adapter directory.
 
   Per-layer ranks and scales become PEFT's ``rank_pattern``/``alpha_pattern``
@@ -76,6 +77,8 @@ def save(path: str, tree: Any, *, model: model_api.HubNames,
       loading, as for PEFT's own PiSSA/OLoRA adapters (``'pissa_niter_K'``
       rebuilds it from a new random draw, so only approximately). For an
       adapter that needs no residual, see `convert_to_lora`.
+    task_type: PEFT's ``task_type`` (``'CAUSAL_LM'`` for language models; None
+      for a custom PyTorch module, which PEFT then wraps as a plain `PeftModel`).
 
   >>> import tempfile, os, jax, jaxlora
   >>> cfg = jaxlora.models.ModelConfig.tiny("llama")
@@ -160,7 +163,7 @@ def save(path: str, tree: Any, *, model: model_api.HubNames,
                   .replace(r"\.0\.", r"\.\d+\.", 1) for pt in adapted)
     target_modules = "(" + "|".join(alts) + ")"
   config = {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(r0),
+      "peft_type": "LORA", "task_type": task_type, "r": int(r0),
       "lora_alpha": _num(alpha0), "target_modules": target_modules,
       "rank_pattern": rank_pattern, "alpha_pattern": {k: _num(v) for k, v in alpha_pattern.items()},
       "use_rslora": bool(use_rslora), "fan_in_fan_out": bool(model.fan_in_fan_out),

@@ -83,7 +83,8 @@ _DTYPES = ("float32", "bfloat16", "float16")
 class ModelSection:
   """``model.*``: the base checkpoint, its dtypes and how its layers run."""
   path: str = key("", "local Hugging Face checkpoint directory (config.json, safetensors, "
-                  "tokenizer)")
+                  "tokenizer), or a Hub id org/name (config, safetensors and tokenizer files "
+                  "only; from the local cache unless HF_HUB_OFFLINE=0)")
   dtype: str = key("float32", "compute dtype: float32 (CPU) or bfloat16 (accelerators)",
                    choices=_DTYPES)
   param_dtype: str = key("float32", "dtype the base weights are held in", choices=_DTYPES)
@@ -102,6 +103,8 @@ class ModelSection:
   attention: str = key("auto", "attention implementation: auto picks cuDNN on NVIDIA GPUs, "
                        "splash on TPU, XLA elsewhere; an explicit choice the platform cannot run "
                        "is an error", choices=("auto", "xla", "cudnn", "splash", "flash"))
+  revision: Union[str, None] = key(None, "branch, tag or commit of a Hub id model.path "
+                                   "(default: main)")
 
 
 @dataclasses.dataclass
@@ -134,8 +137,11 @@ class LoraSection:
 @dataclasses.dataclass
 class DataSection:
   """``data.*``: the data files, their format and how examples become rows."""
-  train_file: str = key("", "training data: .jsonl/.json/.csv/.parquet/.txt")
-  eval_file: Union[str, None] = key(None, "evaluation data (optional)")
+  train_file: str = key("", "training data: .jsonl/.json/.csv/.parquet/.txt, or a Hub dataset "
+                        "id org/name (its train split; from the datasets cache unless "
+                        "HF_DATASETS_OFFLINE=0)")
+  eval_file: Union[str, None] = key(None, "evaluation data (optional; a file or Hub dataset id, "
+                                    "like train_file)")
   format: str = key("text", "text (loss on all tokens), prompt_completion (loss on the "
                     "completion), chat (messages rendered with the chat template; loss on "
                     "assistant turns)", choices=("text", "prompt_completion", "chat"))
@@ -205,6 +211,22 @@ class DistributedSection:
   process_id: Union[int, None] = key(None, "this process's index (GPU clusters without SLURM)")
 
 
+@dataclasses.dataclass
+class WandbSection:
+  """``wandb.*``: the Weights & Biases run, when ``report_to`` holds wandb."""
+  project: str = key("jaxlora", "W&B project")
+  run_name: Union[str, None] = key(None, "W&B run name (default: the output_dir's name)")
+  entity: Union[str, None] = key(None, "W&B entity, a user or team (default: your default "
+                                 "entity)")
+  mode: Union[str, None] = key(None, "online, offline (sync later with `wandb sync`) or "
+                               "disabled; default: the WANDB_MODE environment variable if set, "
+                               "else online", choices=(None, "online", "offline", "disabled"))
+
+
+# Where metrics go (`report_to`); jsonl is required: metrics.jsonl is the run's own record.
+REPORTERS = ("tensorboard", "wandb", "jsonl")
+
+
 def _section(cls: type) -> Any:
   return dataclasses.field(default_factory=cls)
 
@@ -224,6 +246,12 @@ class Config:
   train: TrainSection = _section(TrainSection)
   mesh: MeshSection = _section(MeshSection)
   distributed: DistributedSection = _section(DistributedSection)
+  report_to: Union[str, list] = key(
+      factory=lambda: ["tensorboard", "jsonl"],
+      doc="where metrics go, a list of tensorboard, wandb (pip install 'jaxlora[tracking]'; "
+      "wandb.* keys) and jsonl; jsonl (metrics.jsonl: loss.png, report.md, jaxlora plot, "
+      "resuming) is required")
+  wandb: WandbSection = _section(WandbSection)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -426,6 +454,16 @@ def validate(cfg: Config) -> None:
                       "'data.packing'=true cannot be combined: a packed row would mix "
                       "adapters. Set data.packing=false to train one adapter per "
                       f"'{cfg.data.adapter_field}' value.")
+  if isinstance(cfg.report_to, str):  # report_to=wandb: one reporter
+    cfg.report_to = [cfg.report_to]
+  unknown = [r for r in cfg.report_to if r not in REPORTERS]
+  if unknown:
+    raise ConfigError(f"config key 'report_to' has unknown reporter {unknown[0]!r}; use a list "
+                      f"of {', '.join(REPORTERS)}, e.g. report_to=[tensorboard,wandb,jsonl]")
+  if "jsonl" not in cfg.report_to:
+    raise ConfigError(f"config key 'report_to'={cfg.report_to} must include jsonl: "
+                      "metrics.jsonl is the run's own record (loss.png, report.md, jaxlora "
+                      f"plot, resuming); use report_to=[{','.join(cfg.report_to + ['jsonl'])}]")
   if cfg.data.adapter_field == "":
     raise ConfigError("config key 'data.adapter_field' is empty; name the column that holds "
                       "each row's adapter (e.g. data.adapter_field=task), or leave it unset")
@@ -477,10 +515,10 @@ def _default(f: dataclasses.Field) -> Any:
 def describe() -> str:
   """Every config key with its default, meaning and allowed values (for ``jaxlora train --help``).
 
-  >>> print("\\n".join(describe().splitlines()[:3]))
+  >>> print("\\n".join(describe().splitlines()[:3]))  # doctest: +ELLIPSIS
   config keys (section.key=value; defaults in brackets):
     output_dir ['runs/default']: run directory; rerunning the same config there resumes it
-    model.path ['']: local Hugging Face checkpoint directory (config.json, safetensors, tokenizer)
+    model.path ['']: local Hugging Face checkpoint directory (config.json, safetensors, ...
   """
   lines = ["config keys (section.key=value; defaults in brackets):"]
   for name, f, _ in keys():

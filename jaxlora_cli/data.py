@@ -40,9 +40,14 @@ class Example:
 
 
 def read_rows(path: str) -> Any:
-  """The rows of a local jsonl/json/csv/parquet/text file, through `datasets`."""
+  """The rows of a local jsonl/json/csv/parquet/text file, or the ``train`` split of a Hugging
+  Face Hub dataset id (``org/name``, `read_hub_dataset`), through `datasets`."""
   if not path:
     raise ConfigError("no data file given: set data.train_file=<path>")
+  if not os.path.exists(path):
+    from jaxlora.models import hub  # pylint: disable=import-outside-toplevel
+    if hub.is_repo_id(path):
+      return read_hub_dataset(path)
   if not os.path.isfile(path):
     raise ConfigError(f"data file {path} not found")
   ext = os.path.splitext(path)[1].lower()
@@ -70,6 +75,47 @@ def read_rows(path: str) -> Any:
     logger.setLevel(level)
   if len(ds) == 0:
     raise ConfigError(f"data file {path} holds no rows")
+  return ds
+
+
+def read_hub_dataset(repo_id: str, split: str = "train") -> Any:
+  """The `split` of a Hugging Face Hub dataset, ``datasets.load_dataset(repo_id, split=split)``.
+
+  With ``HF_DATASETS_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` (the command line sets both unless the
+  environment has them) `datasets` reads its local cache only: a dataset loaded once before.
+
+  >>> import datasets, pytest
+  >>> mp = pytest.MonkeyPatch()
+  >>> mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+  >>> mp.setattr(datasets.config, "HF_DATASETS_CACHE", __import__("tempfile").mkdtemp())
+  >>> read_hub_dataset("no-such-org/no-such-data")  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  jaxlora_cli.config.ConfigError: data file no-such-org/no-such-data is not a local file, ...
+  >>> mp.undo()
+  """
+  import datasets  # pylint: disable=import-outside-toplevel
+
+  datasets.disable_progress_bars()
+  logger = logging.getLogger("datasets")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)  # its "using the cached version" warnings
+  try:
+    ds = datasets.load_dataset(repo_id, split=split, keep_in_memory=True)
+  except (ConnectionError, FileNotFoundError) as e:  # offline and not cached; no such dataset
+    load = f"datasets.load_dataset('{repo_id}', split='{split}')"
+    raise ConfigError(
+        f"data file {repo_id} is not a local file, and the Hugging Face Hub dataset {repo_id} "
+        f"could not be loaded ({_cause(e)}); offline, only datasets loaded before are in the "
+        f"cache: load it once with network access (HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 "
+        f"python -c \"import datasets; {load}\"), or give a local file") from None
+  except Exception as e:  # datasets raises many types: no such split, unreadable files, ...
+    raise ConfigError(f"Hugging Face Hub dataset {repo_id} (split {split!r}) could not be "
+                      f"loaded: {_cause(e)}") from None
+  finally:
+    logger.setLevel(level)
+  if len(ds) == 0:
+    raise ConfigError(f"Hugging Face Hub dataset {repo_id} (split {split!r}) holds no rows")
   return ds
 
 

@@ -184,7 +184,7 @@ def _load_adapters(args, run_dir: str | None = None):
   if getattr(args, "max_length", None):
     cfg.data.max_length = args.max_length
   model, params = trainer.load_model(cfg)
-  tok = trainer.load_tokenizer(cfg.model.path)
+  tok = trainer.load_tokenizer(cfg.model.path, cfg.model.revision)
   trees = {}
   for name, path in dirs.items():
     if not os.path.isdir(path):
@@ -418,7 +418,7 @@ def _merged_export(run_dir: str, out: str) -> None:
   # Jitted: one compiled program instead of a dozen eager ops per quantized kernel.
   merged = jax.jit(lambda t: jaxlora.dequantize(jaxlora.merge(t)))(tree)
   jaxlora.models.save_pretrained(out, model, merged)
-  trainer.copy_tokenizer(cfg.model.path, out)
+  trainer.copy_tokenizer(trainer.resolve_model(cfg.model.path, cfg.model.revision), out)
   print(f"wrote merged Hugging Face checkpoint to {out}", file=sys.stderr)
 
 
@@ -438,7 +438,7 @@ def _cmd_export(args) -> None:
   loaded = trainer.load_run(args.run_dir)
   cfg, model, tree = loaded.cfg, loaded.model, loaded.tree
   jaxlora.peft.save(args.out, tree, model=model,
-                    base_model_name_or_path=os.path.abspath(cfg.model.path))
+                    base_model_name_or_path=trainer.base_name(cfg.model.path))
   print(f"wrote PEFT adapter to {args.out}", file=sys.stderr)
 
 

@@ -17,12 +17,22 @@ def du(path: Any) -> int:
 
 
 class Metrics:
-  """Appends metric records to metrics.jsonl and TensorBoard event files."""
+  """Appends metric records to metrics.jsonl, and to TensorBoard event files and a Weights &
+  Biases run when `report_to` names them.
 
-  def __init__(self, run_dir: Any):
+  metrics.jsonl is always written: it is the run's own record (loss.png, report.md, resuming).
+  The W&B run starts at the first record (``wandb.init(**wandb_init)``, imported then) and
+  finishes on `close` (or at the end of a ``with`` block, failed when it ends in an error).
+  """
+
+  def __init__(self, run_dir: Any, report_to: Any = ("tensorboard", "jsonl"),
+               wandb_init: dict[str, Any] | None = None):
     self.path = epath.Path(run_dir) / "metrics.jsonl"
     self.tb_dir = str(epath.Path(run_dir) / "tensorboard")
     self._tb = None
+    self._use_tb = "tensorboard" in report_to
+    self._wandb_init = wandb_init if "wandb" in report_to else None
+    self._wandb = None
     # Object stores cannot append: keep the records and rewrite the file.
     self._records = None
     if is_remote(run_dir):
@@ -41,12 +51,33 @@ class Metrics:
     else:
       self._records.append(record)
       self.path.write_text("".join(json.dumps(r) + "\n" for r in self._records))
-    tb = self._writer()
-    for k, v in record.items():
-      if k != "step" and isinstance(v, (int, float)):
+    scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+    if self._use_tb:
+      tb = self._writer()
+      for k, v in scalars.items():
         tag = f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"
         tb.add_scalar(tag, v, record["step"])
-    tb.flush()
+      tb.flush()
+    if self._wandb_init is not None:
+      if self._wandb is None:
+        import wandb  # pylint: disable=import-outside-toplevel
+        self._wandb = wandb.init(**self._wandb_init)
+      self._wandb.log(scalars, step=record["step"])
+
+  def close(self, exit_code: int = 0) -> None:
+    """Closes the TensorBoard writer and finishes the W&B run (`exit_code` != 0: failed)."""
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+    if self._wandb is not None:
+      self._wandb.finish(exit_code=exit_code)
+      self._wandb = None
+
+  def __enter__(self) -> "Metrics":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    self.close(0 if exc is None else getattr(exc, "exit_code", 1))
 
   def truncate(self, step: int) -> None:
     """Drops records after `step` (a resumed run rewrites them)."""
@@ -66,6 +97,30 @@ class NullMetrics:
 
   def truncate(self, step: int) -> None:
     del step
+
+  def close(self, exit_code: int = 0) -> None:
+    del exit_code
+
+  def __enter__(self) -> "NullMetrics":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    pass
+
+
+def check_report_to(report_to: Any) -> None:
+  """Refuses a reporter whose package is missing, before anything is loaded or written.
+
+  >>> check_report_to(["jsonl"])
+  """
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from jaxlora_cli.config import ConfigError  # pylint: disable=import-outside-toplevel
+
+  for name, module, extra in (("wandb", "wandb", "tracking"),
+                              ("tensorboard", "tensorboardX", "cli")):
+    if name in report_to and importlib.util.find_spec(module) is None:
+      raise ConfigError(f"report_to holds {name}, but {module} is not installed; pip install "
+                        f"'jaxlora[{extra}]' (or {module}), or leave {name} out of report_to")
 
 
 def read(path: Any) -> list[dict]:

@@ -50,12 +50,41 @@ def rules(cfg: Config):
           "ep": jaxlora.sharding.EP_RULES}.get(cfg.mesh.rules, jaxlora.sharding.FSDP_RULES)
 
 
-def load_model(cfg: Config, mesh=None):
-  path = cfg.model.path
+def resolve_model(path: str, revision: str | None = None) -> str:
+  """The local directory of ``model.path``: a directory as is, a Hub id's snapshot.
+
+  A Hugging Face Hub id (``org/name``) is fetched by `jaxlora.models.resolve`
+  (config, safetensors and tokenizer files; the local cache only while
+  ``HF_HUB_OFFLINE=1``, which the command line sets unless the environment has it).
+
+  >>> import tempfile
+  >>> d = tempfile.mkdtemp()
+  >>> resolve_model(d) == d
+  True
+  >>> resolve_model("/nonexistent/model")
+  Traceback (most recent call last):
+  ...
+  jaxlora_cli.config.ConfigError: model directory /nonexistent/model not found
+  """
   if not path:
-    raise ConfigError("no model given: set model.path=<local Hugging Face checkpoint directory>")
-  if not os.path.isdir(path):
+    raise ConfigError("no model given: set model.path=<local Hugging Face checkpoint directory "
+                      "or Hub id org/name>")
+  if not os.path.isdir(path) and not jaxlora.models.is_repo_id(path):
     raise ConfigError(f"model directory {path} not found")
+  try:
+    return jaxlora.models.resolve(path, revision)
+  except jaxlora.errors.JaxloraError as e:
+    raise ConfigError(f"model.path: {e}") from None
+
+
+def base_name(path: str) -> str:
+  """``base_model_name_or_path`` for PEFT: a Hub id as is, a directory made absolute."""
+  return path if jaxlora.models.is_repo_id(path) and not os.path.isdir(path) \
+      else os.path.abspath(path)
+
+
+def load_model(cfg: Config, mesh=None):
+  path = resolve_model(cfg.model.path, cfg.model.revision)
   try:
     # Fails here, before any weights are read, when this platform cannot run the choice.
     attention_lib.resolve(cfg.model.attention)
@@ -76,9 +105,11 @@ def load_model(cfg: Config, mesh=None):
   return model, params
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, revision: str | None = None):
+  """The tokenizer of a checkpoint directory or Hub id (`resolve_model`)."""
   import transformers  # pylint: disable=import-outside-toplevel
 
+  path = resolve_model(path, revision)
   try:
     tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
   except Exception as e:  # transformers raises OSError/ValueError/... for missing files
@@ -405,6 +436,8 @@ def check_run_dir(cfg: Config) -> bool:
     d["model"] = {**d["model"], "attention": None, "remat": None}
     d.pop("mesh", None)
     d.pop("distributed", None)
+    d.pop("report_to", None)  # where metrics go may change too
+    d.pop("wandb", None)
   diffs = [f"{s}.{k}" for s in new if isinstance(new[s], dict)
            for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
   diffs += [s for s in new if not isinstance(new[s], dict) and old.get(s) != new[s]]
@@ -431,6 +464,7 @@ def train(cfg: Config, *, log=print, progress: bool = True,
     TrainingDiverged: the loss became NaN or infinite.
   """
   resume = check_run_dir(cfg)
+  reporting.check_report_to(cfg.report_to)
   if jax.process_count() > 1:  # every process decides before process 0 writes anything
     multihost_utils.sync_global_devices("jaxlora: run directory checked")
   mesh = make_mesh(cfg)
@@ -583,7 +617,7 @@ def setup(cfg: Config, mesh, resume: bool, log=print) -> tuple[Run, TrainState]:
                       f"mesh.data x mesh.fsdp = {n_batch_shards}")
   main_process = jax.process_index() == 0
   model, params = load_model(cfg, mesh)
-  tok = load_tokenizer(cfg.model.path)
+  tok = load_tokenizer(cfg.model.path, cfg.model.revision)
   train_ex, eval_ex = load_data(cfg, tok, model.config.max_position_embeddings)
   out = run_path(cfg.output_dir)
   if main_process:  # only process 0 writes logs, metrics and exports
@@ -639,12 +673,29 @@ def setup(cfg: Config, mesh, resume: bool, log=print) -> tuple[Run, TrainState]:
       ckpt=jaxlora.CheckpointManager(run_path(out, "checkpoints"),
                                      max_to_keep=cfg.train.keep_checkpoints,
                                      save_interval_steps=cfg.train.save_every),
-      metrics=reporting.Metrics(out) if main_process else reporting.NullMetrics())
+      metrics=reporting.Metrics(out, cfg.report_to, wandb_init(cfg, out)) if main_process
+      else reporting.NullMetrics())
   state = TrainState(0, trainable, opt_state, jax.random.key(cfg.train.seed + 1))
   if resume and run.ckpt.latest_step() is not None:
     state = restore(run, state)
     log(f"resuming {out} from step {state.step}")
   return run, state
+
+
+def wandb_init(cfg: Config, out: str) -> dict[str, Any]:
+  """The ``wandb.init`` arguments of a run: ``wandb.*`` keys, the whole config, the run dir.
+
+  >>> from jaxlora_cli import config as config_lib
+  >>> kw = wandb_init(config_lib.load(None, ["wandb.mode=offline"]), "/tmp/runs/a")
+  >>> kw["project"], kw["name"], kw["mode"], kw["dir"], kw["config"]["lora"]["rank"]
+  ('jaxlora', 'a', 'offline', '/tmp/runs/a', 16)
+  """
+  w, remote = cfg.wandb, _files.is_remote(out)
+  return {"project": w.project, "entity": w.entity, "mode": w.mode,  # None: WANDB_MODE or online
+          "name": w.run_name or epath.Path(out if remote else os.path.abspath(out)).name,
+          "config": cfg.to_dict(),
+          # W&B writes its files locally (synced from there): not into a gs:// run directory.
+          "dir": None if remote else out}
 
 
 def restore(run: Run, state: TrainState) -> TrainState:
@@ -698,7 +749,7 @@ def export(run: Run, trainable) -> str:
   cfg, out = run.cfg, run.out
   tuned = jaxlora.combine(trainable, run.frozen)
   meta = {"config": cfg.to_dict(), "step": cfg.train.steps}
-  base_path = os.path.abspath(cfg.model.path)
+  base_path = base_name(cfg.model.path)
   if run.bank is None:
     adapter_dir = run_path(out, "adapter")
     jaxlora.save(adapter_dir, tuned, metadata=meta)
@@ -734,6 +785,12 @@ def _preempted(run: Run, state: TrainState, stops: preemption.StopSignals) -> \
 def _train(cfg: Config, mesh, resume: bool, log, progress: bool,
            stops: preemption.StopSignals | None = None) -> dict:
   run, state = setup(cfg, mesh, resume, log)
+  with run.metrics:  # closes the reporters (finishes a W&B run) on errors and stops too
+    return _run(cfg, run, state, log, progress, stops)
+
+
+def _run(cfg: Config, run: Run, state: TrainState, log, progress: bool,
+         stops: preemption.StopSignals | None) -> dict:
   evaluator = run.evaluator
   eval_before, adapter_eval_before = None, None
   if evaluator and state.step == 0:
@@ -883,7 +940,7 @@ def load_run(run_dir: str) -> RunArtifacts:
     raise ConfigError(f"{run_dir} is not a jaxlora run directory (no config.yaml)")
   cfg = config_lib.load(cfg_path)
   model, params = load_model(cfg)
-  tok = load_tokenizer(cfg.model.path)
+  tok = load_tokenizer(cfg.model.path, cfg.model.revision)
   adapter = run_path(run_dir, "adapter")
   if not epath.Path(adapter).is_dir() and epath.Path(run_path(run_dir, "adapters")).is_dir():
     names = sorted(p.name for p in epath.Path(run_path(run_dir, "adapters")).iterdir())

@@ -20,8 +20,8 @@ def test_every_key_is_declared_with_help():
     assert f.metadata.get("help"), f"config key {name} has no help"
   sections = [f.name for f in dataclasses.fields(config_lib.Config)
               if dataclasses.is_dataclass(f.default_factory)]
-  assert sections == ["model", "lora", "data", "train", "mesh", "distributed"]
-  assert {name.split(".")[0] for name, _ in KEYS} == {"output_dir", *sections}
+  assert sections == ["model", "lora", "data", "train", "mesh", "distributed", "wandb"]
+  assert {name.split(".")[0] for name, _ in KEYS} == {"output_dir", "report_to", *sections}
   assert config_lib.DOCS == {name: f.metadata["help"] for name, f in KEYS}
 
 

@@ -52,6 +52,9 @@ class Board:
   def flush(self):
     pass
 
+  def close(self):
+    pass
+
 
 @pytest.fixture
 def gcs(monkeypatch, tmp_path):

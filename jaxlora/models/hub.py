@@ -172,16 +172,118 @@ def _stored_qtype(hf: Mapping, source: str, qtype: str | None) -> str | None:
   return stored
 
 
+# Hub ids: ``org/name``, the characters the Hub allows (no leading '.', no '..').
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9_][\w.-]*")
+
+# The files `from_pretrained` and a tokenizer (with its chat template) read; no .bin/.pt pickles.
+HUB_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja")
+
+
+def is_repo_id(path: str) -> bool:
+  """Whether `path` reads as a Hugging Face Hub id, ``org/name``, rather than a local path.
+
+  Args:
+    path: what the user gave (a directory or an id).
+
+  Returns:
+    True for ``org/name`` (one '/', no leading '/', './' or '~', no '..').
+
+  >>> is_repo_id("HuggingFaceTB/SmolLM2-135M"), is_repo_id("./ckpt"), is_repo_id("/a/b")
+  (True, False, False)
+  >>> is_repo_id("runs/a/adapter"), is_repo_id("../ckpt")
+  (False, False)
+  """
+  return bool(_REPO_ID.fullmatch(path)) and ".." not in path
+
+
+def resolve(path: str, revision: str | None = None) -> str:
+  """The local directory of a checkpoint given as a directory or a Hugging Face Hub id.
+
+  An existing directory is returned as is. Otherwise an id (``org/name``, see
+  `is_repo_id`) is fetched with ``huggingface_hub.snapshot_download``: only
+  config, safetensors and tokenizer files (`HUB_PATTERNS`), never pickled
+  ``.bin``/``.pt`` weights. With ``HF_HUB_OFFLINE=1`` huggingface_hub reads its
+  local cache only.
+
+  Args:
+    path: a local checkpoint directory or a Hub id.
+    revision: a branch, tag or commit of the Hub repository (None: ``main``);
+      only for Hub ids.
+
+  Returns:
+    A local directory holding the checkpoint.
+
+  Raises:
+    NotFoundError: `path` is neither a directory nor an id, or the id is not on
+      the Hub (or not in the cache while offline).
+    InputError: a `revision` with a local directory.
+
+  >>> import tempfile
+  >>> d = tempfile.mkdtemp()
+  >>> resolve(d) == d
+  True
+  >>> resolve(d, revision="main")  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  jaxlora.errors.InputError: revision='main' applies to Hugging Face Hub ids (org/name), ...
+  >>> resolve("no/such/dir")
+  Traceback (most recent call last):
+  ...
+  jaxlora.errors.NotFoundError: Model directory 'no/such/dir' does not exist (nor is it a Hugging \
+Face Hub id, org/name).
+  """
+  if os.path.isdir(path):
+    if revision is not None:
+      raise InputError(f"revision={revision!r} applies to Hugging Face Hub ids (org/name), but "
+                       f"{path} is a local directory; leave the revision out")
+    return path
+  if not is_repo_id(path):
+    raise NotFoundError(f"Model directory {path!r} does not exist (nor is it a Hugging Face "
+                        "Hub id, org/name).")
+  import huggingface_hub  # pylint: disable=import-outside-toplevel
+  from huggingface_hub import errors as hub_errors  # pylint: disable=import-outside-toplevel
+
+  at = "" if revision is None else f" at revision {revision!r}"
+  include = " ".join(f"--include '{p}'" for p in HUB_PATTERNS)  # one flag per pattern
+  download = f"hf download {path}{'' if revision is None else f' --revision {revision}'} {include}"
+  try:
+    return huggingface_hub.snapshot_download(path, revision=revision,
+                                             allow_patterns=list(HUB_PATTERNS))
+  except hub_errors.LocalEntryNotFoundError:  # offline (or no network), not in the cache
+    raise NotFoundError(
+        f"{path!r} is not a local directory, and the Hugging Face Hub model {path}{at} is not "
+        f"in the local cache and cannot be downloaded (offline); download it with `{download}` "
+        "(or unset HF_HUB_OFFLINE to let it download).") from None
+  except hub_errors.RevisionNotFoundError:
+    raise NotFoundError(f"the Hugging Face Hub model {path} has no revision {revision!r}; give "
+                        "a branch, tag or commit of it.") from None
+  except hub_errors.RepositoryNotFoundError:  # gated too
+    raise NotFoundError(f"{path!r} is not a local directory, and the Hugging Face Hub has no "
+                        f"model {path} you can access; check the id, or log in (`hf auth "
+                        "login`) for a private or gated one.") from None
+  except (hub_errors.OfflineModeIsEnabled, hub_errors.HfHubHTTPError) as e:
+    first = (str(e).strip().splitlines() or [""])[0]
+    raise NotFoundError(f"the Hugging Face Hub model {path}{at} could not be fetched "
+                        f"({type(e).__name__}: {first}); download it with `{download}`.") \
+        from None
+  except hub_errors.HFValidationError as e:
+    raise InputError(f"{path!r} is not a valid Hugging Face Hub id: "
+                     f"{(str(e).strip().splitlines() or [''])[0]}") from None
+
+
 def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                     remat: str | None = None, shardings: Any = None, quantize: str | None = None,
                     block_size: int = 64, double_quant: bool = True,
-                    attention: str = "auto") -> tuple[Decoder, dict]:
-  """Loads a Hugging Face GPT-2 or Llama-family checkpoint from a local directory.
+                    attention: str = "auto",
+                    revision: str | None = None) -> tuple[Decoder, dict]:
+  """Loads a Hugging Face checkpoint (any family `ModelConfig` reads) from a directory or Hub id.
 
   Reads `config.json` and `model.safetensors` (or a sharded
   `model.safetensors.index.json`), converts tensor by tensor (PyTorch
   `[out, in]` to Flax `(in, out)`, GPT-2 Conv1D as is), stacks the layers for
-  `nn.scan`, and never touches the network. Each tensor is read from the file
+  `nn.scan`; a Hub id (``org/name``) is fetched first (`resolve`: config,
+  safetensors and tokenizer files only; the cache only with ``HF_HUB_OFFLINE=1``),
+  a local directory never touches the network. Each tensor is read from the file
   into its own buffer, converted, placed and dropped, so host memory holds the
   loaded params plus one tensor, not a second copy of the checkpoint.
 
@@ -199,7 +301,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
   `param_dtype`). Run the result through `jaxlora.apply`.
 
   Args:
-    path: checkpoint directory.
+    path: checkpoint directory, or a Hugging Face Hub id (``org/name``).
     dtype: compute dtype of the returned model.
     param_dtype: dtype the params are stored in (and that quantized kernels
       of a float checkpoint dequantize to).
@@ -217,13 +319,15 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
       (a bitsandbytes checkpoint keeps its own).
     double_quant: quantize the 4-bit block maxima again when quantizing a
       float checkpoint (QLoRA's double quantization).
+    revision: branch, tag or commit of a Hub id (None: ``main``).
 
   Returns:
     ``(model, params)``; ``model.apply({'params': params}, input_ids, attention_mask=...)``
     returns logits (``jaxlora.apply(model.apply)`` when params hold quantized kernels).
 
   Raises:
-    FileNotFoundError: missing directory or files.
+    FileNotFoundError: missing directory or files; a Hub id not on the Hub (or
+      not in the cache while offline).
     ValueError: unknown model type, missing, extra or misshapen tensors, an
       unknown `quantize` value, a checkpoint quantized by another method than
       bitsandbytes (GPTQ, AWQ, ...) or with another type than `quantize`, and
@@ -249,6 +353,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
   from jaxlora import quantization  # pylint: disable=import-outside-toplevel
   from jaxlora import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
 
+  path = resolve(path, revision)
   source = os.path.join(path, "config.json")
   hf = _read_config(path)
   qtype = None if quantize is None else quantization._check_qtype(quantize)  # pylint: disable=protected-access

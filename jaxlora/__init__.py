@@ -7,6 +7,7 @@ from jaxlora import model_api
 from jaxlora import models
 from jaxlora import nnx
 from jaxlora import peft
+from jaxlora import preference
 from jaxlora import quantization
 from jaxlora import sharding
 from jaxlora.bank import Bank, bank_set, stack, unstack
@@ -50,6 +51,7 @@ __all__ = [
     "nnx",
     "optimizer",
     "peft",
+    "preference",
     "quantization",
     "quantize",
     "save",

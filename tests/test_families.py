@@ -41,7 +41,7 @@ FAMILIES = {
 
 
 # The fast tier runs the families with distinct features; the others run in the full suite.
-FAST = ("gemma2", "gemma3", "mixtral", "phi3", "qwen2_moe")
+FAST = ("gemma2", "gemma3", "mixtral", "phi3")
 _tiered = lambda names, fast=FAST: [n if n in fast else pytest.param(n, marks=pytest.mark.slow)
                                     for n in names]
 

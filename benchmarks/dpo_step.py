@@ -30,7 +30,8 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
+
+import machine  # benchmarks/machine.py, beside this script
 
 import jax
 import jax.numpy as jnp
@@ -88,27 +89,11 @@ def build(args):
   return steps, init, frozen, data
 
 
-class Runner:
-  def __init__(self, fn, init, frozen, data):
-    self.fn, self.frozen, self.data = fn, frozen, data
-    self.state = init()
-
-  def step(self) -> float:
-    t0 = time.perf_counter()
-    *self.state, loss = self.fn(*self.state, self.frozen, *self.data)
-    jax.block_until_ready((self.state, loss))
-    return time.perf_counter() - t0
-
-
 def memory_child(args) -> None:
   steps, init, frozen, data = build(args)
-  r = Runner(steps[args.memory_child], init, frozen, data)
-  r.fn = r.fn.lower(*r.state, frozen, *data).compile()
-  import ctypes  # pylint: disable=import-outside-toplevel
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
+  r = machine.Runner(steps[args.memory_child], init, (frozen,), data)
+  r.compile()
+  machine.trim_heap()
   for _ in range(2):
     r.step()
   print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
@@ -139,7 +124,7 @@ def main():
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     peaks[v] = json.loads(out.strip().splitlines()[-1])["peak_rss"]
   steps, init, frozen, data = build(args)
-  runners = {k: Runner(steps[k], init, frozen, data) for k in VARIANTS}
+  runners = {k: machine.Runner(steps[k], init, (frozen,), data) for k in VARIANTS}
   for r in runners.values():  # compile and warm up
     r.step()
     r.step()

@@ -2,6 +2,7 @@
 
 import os
 import platform
+import time
 
 
 def cpu_model() -> str:
@@ -45,3 +46,38 @@ def flatten(tree, prefix=()) -> dict:
     else:
       out[prefix + (k,)] = v
   return out
+
+
+def trim_heap() -> None:
+  """Returns free heap pages to the system (glibc's ``malloc_trim``); a no-op elsewhere.
+
+  Memory children call it after compiling their step, so that their peak RSS
+  measures what the step holds, not what compilation left in the heap.
+  """
+  import ctypes  # pylint: disable=import-outside-toplevel
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+class Runner:
+  """Holds the state of one jitted training variant; `step()` runs one timed step.
+
+  ``fn(*state, *frozen, *data) -> (*state, loss)``; `init()` gives the first state.
+  """
+
+  def __init__(self, fn, init, frozen: tuple, data: tuple):
+    self.fn, self.frozen, self.data = fn, frozen, data
+    self.state = init()
+
+  def compile(self) -> None:
+    """Compiles the step ahead of time (for memory children, before `trim_heap`)."""
+    self.fn = self.fn.lower(*self.state, *self.frozen, *self.data).compile()
+
+  def step(self) -> float:
+    import jax  # pylint: disable=import-outside-toplevel
+    t0 = time.perf_counter()
+    *self.state, loss = self.fn(*self.state, *self.frozen, *self.data)
+    jax.block_until_ready((self.state, loss))
+    return time.perf_counter() - t0

@@ -223,7 +223,8 @@ def _with_b(wrapped):
 
 
 class PeftRunner:
-  """One PEFT training variant on the PyTorch GPT-2 of the same shape; `step()` as `Runner`."""
+  """One PEFT training variant on the PyTorch GPT-2 of the same shape (`step()` as
+  `machine.Runner`)."""
 
   def __init__(self, args, use_dora: bool):
     import torch  # pylint: disable=import-outside-toplevel
@@ -275,20 +276,6 @@ def _copy(tree):
   return jax.tree.map(jnp.copy, tree)
 
 
-class Runner:
-  """Holds the state of one training variant; `step()` runs one timed step."""
-
-  def __init__(self, fn, init, frozen, data):
-    self.fn, self.frozen, self.data = fn, frozen, data
-    self.state = init()
-
-  def step(self) -> float:
-    t0 = time.perf_counter()
-    *self.state, loss = self.fn(*self.state, *self.frozen, *self.data)
-    jax.block_until_ready((self.state, loss))
-    return time.perf_counter() - t0
-
-
 # ----------------------------------------------------------------------------- memory
 
 
@@ -301,24 +288,15 @@ def peak_rss_child(args):
     steps, _, data = build(args)
     fn, init, frozen = steps[args.memory_child]
     del steps
-    r = Runner(fn, init, frozen, data)
-    r.fn = fn.lower(*r.state, *r.frozen, *r.data).compile()
+    r = machine.Runner(fn, init, frozen, data)
+    r.compile()
   if not args.no_trim:
-    _trim_heap()
+    machine.trim_heap()
   for _ in range(2):
     r.step()
   kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
   print(json.dumps({"variant": args.memory_child, "peak_rss": kib * 1024,
                     "start_rss": start_kib * 1024}))
-
-
-def _trim_heap():
-  """Returns free heap pages to the system (glibc); a no-op elsewhere."""
-  import ctypes  # pylint: disable=import-outside-toplevel
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
 
 
 def measure_peaks(args, variants=TRAIN_VARIANTS):
@@ -370,7 +348,7 @@ def main():
     peaks = measure_peaks(args)
 
   steps, fwds, data = build(args)
-  runners = {k: Runner(fn, init, frozen, data) for k, (fn, init, frozen) in steps.items()}
+  runners = {k: machine.Runner(fn, init, frozen, data) for k, (fn, init, frozen) in steps.items()}
 
   def fwd_timer(fn, p):
     def run():
@@ -439,7 +417,7 @@ def dora_main(args):
     print("peak memory (one subprocess per variant) ...", flush=True)
     peaks = measure_peaks(args, DORA_VARIANTS)
   steps, _, data = build(args)
-  timers = {k: Runner(*steps[k][:2], steps[k][2], data).step for k in ("lora", "dora")}
+  timers = {k: machine.Runner(*steps[k][:2], steps[k][2], data).step for k in ("lora", "dora")}
   timers.update({k: PeftRunner(args, use_dora=k == "peft-dora").step
                  for k in ("peft-lora", "peft-dora")})
   print("compiling and warming up ...", flush=True)

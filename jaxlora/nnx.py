@@ -371,6 +371,22 @@ def load(path: str, model: nnx.Module) -> nnx.Module:
   The layers the checkpoint adapts become `LoRA` layers (or get the saved
   values); a checkpoint that does not fit the model raises with the first
   mismatching path and shapes, as `jaxlora.load` does.
+
+  >>> import tempfile, os
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> import jaxlora
+  >>> model = jaxlora.nnx.wrap(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), rank=1)
+  >>> model.lora_b[...] = jnp.ones((1, 2))
+  >>> d = os.path.join(tempfile.mkdtemp(), "adapter")
+  >>> jaxlora.nnx.save(d, model)
+  >>> back = jaxlora.nnx.load(d, nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+  >>> bool(jnp.array_equal(back(jnp.ones((1, 3))), model(jnp.ones((1, 3)))))
+  True
+  >>> jaxlora.nnx.load(d, nnx.Linear(4, 2, rngs=nnx.Rngs(0)))  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  jaxlora.errors.CheckpointError: ...
   """
   tree, _ = _tree_of(model, adapters=False)
   return _install(model, checkpoint.load(path, tree))
@@ -428,6 +444,21 @@ def from_peft(path: str, model: nnx.Module, *,
 
   The adapter's module names are matched against ``names(path)`` of the
   model's layers; a name the model lacks raises with the name.
+
+  >>> import tempfile
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> import jaxlora
+  >>> class Block(nnx.Module):
+  ...   def __init__(self):
+  ...     self.proj = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  >>> model = jaxlora.nnx.wrap(Block(), rank=1)
+  >>> model.proj.lora_b[...] = jnp.ones((1, 2))
+  >>> d = tempfile.mkdtemp()
+  >>> jaxlora.nnx.to_peft(d, model)
+  >>> back = jaxlora.nnx.from_peft(d, Block())
+  >>> bool(jnp.allclose(back.proj(jnp.ones((1, 3))), model.proj(jnp.ones((1, 3)))))
+  True
   """
   tree, _ = _tree_of(model, adapters=False)
   naming = _Names(names)

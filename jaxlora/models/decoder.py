@@ -163,7 +163,14 @@ class Attention(nn.Module):
 
 
 def activation(name: str):
-  """The MLP nonlinearity of a config's ``activation`` name."""
+  """The MLP nonlinearity of a config's ``activation`` name.
+
+  ``'silu'``/``'swish'``; ``'gelu'`` (exact); ``'gelu_new'``/``'gelu_pytorch_tanh'`` (tanh).
+
+  >>> import jax.numpy as jnp
+  >>> round(float(activation("gelu_pytorch_tanh")(jnp.float32(1.0))), 4)
+  0.8412
+  """
   if name in ("silu", "swish"):
     return jax.nn.silu
   return lambda x: jax.nn.gelu(x, approximate=name != "gelu")

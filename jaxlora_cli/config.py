@@ -132,6 +132,10 @@ class LoraSection:
                                                   "{module regex: [ids]}")
   bias: str = key("none", "biases that train: none, all, or lora_only (the adapted layers')",
                   choices=("none", "all", "lora_only"))
+  init_from: Union[str, None] = key(
+      None, "start from a saved adapter instead of a fresh one: a jaxlora adapter directory "
+      "(e.g. an SFT run's runs/sft/adapter) or a PEFT adapter directory; its rank, targets and "
+      "scale replace lora.rank/targets/alpha")
 
 
 @dataclasses.dataclass
@@ -144,11 +148,17 @@ class DataSection:
                                     "like train_file)")
   format: str = key("text", "text (loss on all tokens), prompt_completion (loss on the "
                     "completion), chat (messages rendered with the chat template; loss on "
-                    "assistant turns)", choices=("text", "prompt_completion", "chat"))
+                    "assistant turns), preference (prompt, chosen, rejected: plain text or chat "
+                    "messages; train.objective dpo/ipo/hinge/robust/simpo/orpo), prompts "
+                    "(prompts to sample from, other columns go to the reward; "
+                    "train.objective=grpo)",
+                    choices=("text", "prompt_completion", "chat", "preference", "prompts"))
   text_field: str = key("text", "column with the text (format text)")
   prompt_field: str = key("prompt", "column with the prompt (prompt_completion)")
   completion_field: str = key("completion", "column with the completion (prompt_completion)")
   messages_field: str = key("messages", "column with the chat messages (chat)")
+  chosen_field: str = key("chosen", "column with the preferred completion (preference)")
+  rejected_field: str = key("rejected", "column with the dispreferred completion (preference)")
   max_length: int = key(512, "longest example in tokens (at most the model's context)", gt=0)
   truncate: bool = key(False, "cut over-long examples instead of stopping with an error")
   eval_fraction: float = key(0.0, "share of train_file held out for evaluation when no "
@@ -161,6 +171,11 @@ class DataSection:
       None, "column naming each row's adapter: trains one adapter per distinct value at once "
       "(an adapter bank; each adapter's loss is its own token mean), saved to adapters/<name>/ "
       "and adapters_peft/<name>/; not with data.packing")
+
+
+# The objectives of train.objective: the DPO family and ORPO/SimPO train on preference pairs.
+PAIR_OBJECTIVES = ("dpo", "ipo", "hinge", "robust", "simpo", "orpo")
+OBJECTIVES = ("sft", *PAIR_OBJECTIVES, "grpo")
 
 
 @dataclasses.dataclass
@@ -187,6 +202,11 @@ class TrainSection:
   router_aux_loss_coef: float = key(
       0.0, "mixture-of-experts models: weight of the router load-balancing loss added to the "
       "objective (config.json's router_aux_loss_coef is the usual value; 0: off)", ge=0)
+  objective: str = key(
+      "sft", "sft (next-token loss), dpo, ipo, hinge, robust (DPO family; the reference is the "
+      "base with the adapters off), simpo (reference-free), orpo (SFT plus an odds-ratio term): "
+      "data.format=preference; grpo (sampled completions scored by reward.fn): "
+      "data.format=prompts", choices=OBJECTIVES)
 
 
 @dataclasses.dataclass
@@ -223,6 +243,49 @@ class WandbSection:
                                "else online", choices=(None, "online", "offline", "disabled"))
 
 
+@dataclasses.dataclass
+class PreferenceSection:
+  """``preference.*``: the DPO-family losses (train.objective dpo, ipo, hinge, robust, simpo,
+  orpo)."""
+  beta: Union[float, None] = key(
+      None, "the loss's beta: DPO's temperature (IPO's tau, ORPO's lambda, SimPO's reward "
+      "scale); default 0.1, for simpo 2.0", gt=0)
+  label_smoothing: float = key(0.0, "assumed share of flipped labels (dpo: cDPO, robust: "
+                               "rDPO, below 0.5; simpo)", ge=0, lt=1)
+  simpo_gamma: float = key(0.5, "SimPO's target reward margin")
+
+
+@dataclasses.dataclass
+class GrpoSection:
+  """``grpo.*``: sampling and the clipped objective of train.objective=grpo."""
+  num_generations: int = key(8, "completions sampled per prompt (a group); each step samples "
+                             "train.batch_size x train.grad_accum prompts", ge=2)
+  max_completion_length: int = key(32, "longest sampled completion in tokens", gt=0)
+  temperature: float = key(1.0, "sampling temperature of the rollouts", gt=0)
+  top_p: float = key(1.0, "nucleus sampling mass of the rollouts", gt=0)
+  beta: float = key(0.04, "weight of the KL term to the reference (the base with the adapters "
+                    "off; the GRPO paper's 0.04; 0: no reference pass)", ge=0)
+  epsilon: float = key(0.2, "clipping range of the probability ratio", gt=0)
+  epsilon_high: Union[float, None] = key(None, "upper clipping range (DAPO); default "
+                                         "grpo.epsilon", gt=0)
+  loss_type: str = key("dapo", "how token losses are averaged: dapo (over all completion "
+                       "tokens of the step), grpo (per completion, then over completions), "
+                       "bnpo, dr_grpo", choices=("dapo", "grpo", "bnpo", "dr_grpo"))
+  scale_rewards: str = key("group", "divide advantages by the std of the group, of the whole "
+                           "batch, or none (Dr. GRPO)", choices=("group", "batch", "none"))
+
+
+@dataclasses.dataclass
+class RewardSection:
+  """``reward.*``: how sampled completions are scored (train.objective=grpo)."""
+  fn: Union[str, list, None] = key(
+      None, "reward function(s): a built-in (exact_match) or module:function, called as "
+      "fn(prompts, completions, **columns) -> one float (or None) per completion; a list sums "
+      "the rewards (weighted by reward.weights)")
+  weights: Union[list, None] = key(None, "one weight per reward.fn (default all 1)")
+  answer_field: str = key("answer", "column holding the reference answer (exact_match)")
+
+
 # Where metrics go (`report_to`); jsonl is required: metrics.jsonl is the run's own record.
 REPORTERS = ("tensorboard", "wandb", "jsonl")
 
@@ -252,6 +315,9 @@ class Config:
       "wandb.* keys) and jsonl; jsonl (metrics.jsonl: loss.png, report.md, jaxlora plot, "
       "resuming) is required")
   wandb: WandbSection = _section(WandbSection)
+  preference: PreferenceSection = _section(PreferenceSection)
+  grpo: GrpoSection = _section(GrpoSection)
+  reward: RewardSection = _section(RewardSection)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -464,9 +530,41 @@ def validate(cfg: Config) -> None:
     raise ConfigError(f"config key 'report_to'={cfg.report_to} must include jsonl: "
                       "metrics.jsonl is the run's own record (loss.png, report.md, jaxlora "
                       f"plot, resuming); use report_to=[{','.join(cfg.report_to + ['jsonl'])}]")
+  _check_objective(cfg)
   if cfg.data.adapter_field == "":
     raise ConfigError("config key 'data.adapter_field' is empty; name the column that holds "
                       "each row's adapter (e.g. data.adapter_field=task), or leave it unset")
+
+
+def _check_objective(cfg: Config) -> None:
+  """The data format, packing and adapter bank an objective works with."""
+  objective, fmt = cfg.train.objective, cfg.data.format
+  wanted = ("preference" if objective in PAIR_OBJECTIVES else
+            "prompts" if objective == "grpo" else None)
+  if wanted is not None and fmt != wanted:
+    raise ConfigError(f"train.objective={objective} trains on data.format={wanted}, got "
+                      f"data.format={fmt}; set data.format={wanted}")
+  if wanted is None and fmt in ("preference", "prompts"):
+    raise ConfigError(f"data.format={fmt} needs a matching train.objective (preference: dpo, "
+                      "ipo, hinge, robust, simpo or orpo; prompts: grpo), got "
+                      f"train.objective={objective}")
+  if wanted is not None and cfg.data.packing:
+    raise ConfigError(f"train.objective={objective} scores whole sequences, one per row; set "
+                      "data.packing=false")
+  if wanted is not None and cfg.data.adapter_field is not None:
+    raise ConfigError(f"train.objective={objective} trains one adapter; data.adapter_field "
+                      "(an adapter bank) works with train.objective=sft only")
+  if objective == "grpo" and not cfg.reward.fn:
+    raise ConfigError("train.objective=grpo needs a reward: set reward.fn=exact_match (the "
+                      "completion equals the reward.answer_field column) or "
+                      "reward.fn=module:function")
+  if cfg.train.objective == "robust" and cfg.preference.label_smoothing >= 0.5:
+    raise ConfigError(f"preference.label_smoothing={cfg.preference.label_smoothing} must be "
+                      "below 0.5 for train.objective=robust")
+  fns = cfg.reward.fn if isinstance(cfg.reward.fn, list) else [cfg.reward.fn]
+  if cfg.reward.weights is not None and len(cfg.reward.weights) != len(fns):
+    raise ConfigError(f"reward.weights={cfg.reward.weights} must give one weight per reward.fn "
+                      f"({len(fns)}: {fns})")
 
 
 def dump(cfg: Config) -> str:

@@ -37,6 +37,16 @@ class Example:
   ids: np.ndarray       # int32 token ids
   targets: np.ndarray   # float32, 1 where the token is a training target
   adapter: str | None = None  # the row's adapter name (data.adapter_field), if any
+  # data.format=preference: `ids`/`targets` are prompt + chosen, `rejected` prompt + rejected.
+  rejected: Example | None = None
+  # data.format=prompts: the prompt as text and the row's columns, for the reward function.
+  prompt: str | None = None
+  columns: dict | None = None
+  row: int = -1  # the data row it came from (named in errors)
+
+  def __len__(self) -> int:
+    """Tokens of the longer side (both sides of a pair share one padded length)."""
+    return max(len(self.ids), 0 if self.rejected is None else len(self.rejected.ids))
 
 
 def read_rows(path: str) -> Any:
@@ -166,11 +176,118 @@ def _render(tokenizer, messages: list[dict], i: int, path: str, **kwargs) -> str
                       f"{e}") from None
 
 
+def _is_messages(value: Any) -> bool:
+  return isinstance(value, list) and all(isinstance(m, dict) for m in value)
+
+
+def _need_template(tokenizer, fmt: str) -> None:
+  if not getattr(tokenizer, "chat_template", None):
+    raise ConfigError(f"data.format={fmt} with chat messages needs a tokenizer with a chat "
+                      "template; this model's tokenizer has none")
+
+
+def _prompt_tokens(tokenizer, prompt: Any, cfg: DataSection, i: int, path: str
+                   ) -> tuple[list[int], str]:
+  """A prompt's token ids and text: plain text after BOS, or messages through the chat
+  template with the generation prompt (the assistant's turn opened)."""
+  if isinstance(prompt, str):
+    return _bos(tokenizer) + _encode(tokenizer, prompt), prompt
+  if _is_messages(prompt):
+    _need_template(tokenizer, cfg.format)
+    text = _render(tokenizer, prompt, i, path, add_generation_prompt=True)
+    return _encode(tokenizer, text), text
+  raise ConfigError(f"{path} row {i}: '{cfg.prompt_field}' must be text or a list of "
+                    f"{{\"role\": ..., \"content\": ...}} messages, got {str(prompt)[:60]!r}")
+
+
+def _completion_tokens(tokenizer, prompt: Any, prompt_ids: list[int], completion: Any,
+                       field: str, cfg: DataSection, i: int, path: str) -> list[int]:
+  """The tokens of one side of a preference pair, after the prompt's."""
+  empty = (not completion.strip() if isinstance(completion, str) else
+           _is_messages(completion) and not any(str(m.get("content") or "").strip()
+                                                  for m in completion))
+  if empty:
+    raise ConfigError(f"{path} row {i}: '{field}' is an empty completion; every pair needs a "
+                      "non-empty chosen and rejected answer (drop or fix the row)")
+  if isinstance(prompt, str) and isinstance(completion, str):
+    return _encode(tokenizer, completion) + _eos(tokenizer)
+  if _is_messages(prompt) and _is_messages(completion):
+    full = _encode(tokenizer, _render(tokenizer, prompt + completion, i, path))
+    if full[:len(prompt_ids)] != prompt_ids:
+      raise ConfigError(f"{path} row {i}: the chat template does not render the prompt as a "
+                        f"prefix of prompt + '{field}'; give plain-text prompt and completions")
+    return full[len(prompt_ids):]
+  raise ConfigError(f"{path} row {i}: '{cfg.prompt_field}' and '{field}' must both be text or "
+                    f"both be lists of messages, got {type(prompt).__name__} and "
+                    f"{type(completion).__name__}")
+
+
+def _fit(ids: list[int], targets: list[float], cfg: DataSection, i: int, path: str,
+         what: str = "") -> tuple[list[int], list[float]]:
+  """`ids` cut to data.max_length (data.truncate), or an error naming the row."""
+  n = cfg.max_length
+  if len(ids) <= n:
+    return ids, targets
+  if not cfg.truncate:
+    raise ConfigError(f"{path} row {i}{what} is {len(ids)} tokens, longer than data.max_length="
+                      f"{n}; raise data.max_length (up to the model's context), or set "
+                      "data.truncate=true")
+  return ids[:n], targets[:n]
+
+
+def _preference_example(row: dict, cfg: DataSection, tokenizer, i: int, path: str
+                        ) -> Example | None:
+  """A preference row as one example whose `rejected` holds the other side; None when
+  truncation leaves a side nothing to score."""
+  chosen = _field(row, cfg.chosen_field, i, path)
+  rejected = _field(row, cfg.rejected_field, i, path)
+  if row.get(cfg.prompt_field) is not None:
+    prompt = row[cfg.prompt_field]
+  elif _is_messages(chosen) and _is_messages(rejected) and chosen[:-1] == rejected[:-1] \
+      and chosen[:-1]:
+    # TRL's implicit prompt: whole conversations that differ in the last turn only.
+    prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+  else:
+    prompt = _field(row, cfg.prompt_field, i, path)  # raises, naming the missing field
+  prompt_ids, _ = _prompt_tokens(tokenizer, prompt, cfg, i, path)
+  sides = []
+  for field, completion in ((cfg.chosen_field, chosen), (cfg.rejected_field, rejected)):
+    reply = _completion_tokens(tokenizer, prompt, prompt_ids, completion, field, cfg, i, path)
+    ids, targets = _fit(prompt_ids + reply, [0.0] * len(prompt_ids) + [1.0] * len(reply),
+                        cfg, i, path, f" ('{field}')")
+    if not any(targets[1:]):
+      return None
+    sides.append(Example(np.asarray(ids, np.int32), np.asarray(targets, np.float32)))
+  sides[0].rejected = sides[1]
+  return sides[0]
+
+
+def _prompt_example(row: dict, cfg: DataSection, tokenizer, i: int, path: str) -> Example:
+  """A prompt to sample completions for; the row's other columns go to the reward."""
+  prompt = _field(row, cfg.prompt_field, i, path)
+  ids, text = _prompt_tokens(tokenizer, prompt, cfg, i, path)
+  if len(ids) > cfg.max_length:
+    if not cfg.truncate:
+      raise ConfigError(f"{path} row {i}: the prompt is {len(ids)} tokens, longer than "
+                        f"data.max_length={cfg.max_length}; raise data.max_length or set "
+                        "data.truncate=true (keeps the prompt's end)")
+    ids = ids[-cfg.max_length:]
+  columns = {k: v for k, v in row.items() if k != cfg.prompt_field}
+  return Example(np.asarray(ids, np.int32), np.zeros(len(ids), np.float32), prompt=text,
+                 columns=columns, row=i)
+
+
 def tokenize(rows: Any, cfg: DataSection, tokenizer, path: str) -> list[Example]:
   """Turns rows into examples with loss targets, per `cfg.format`."""
   out: list[Example] = []
   n = cfg.max_length
   for i, row in enumerate(rows):
+    if cfg.format in ("preference", "prompts"):
+      ex = (_preference_example if cfg.format == "preference" else _prompt_example)(
+          row, cfg, tokenizer, i, path)
+      if ex is not None:
+        out.append(ex)
+      continue
     adapter = (None if cfg.adapter_field is None else
                str(_field(row, cfg.adapter_field, i, path)))
     if cfg.format == "text":
@@ -217,12 +334,7 @@ def tokenize(rows: Any, cfg: DataSection, tokenizer, path: str) -> list[Example]
         targets += [0.0] * len(new_prompt) + [1.0] * len(reply)
       if not any(targets):
         raise ConfigError(f"{path} row {i} has no assistant message to train on")
-    if len(ids) > n:
-      if not cfg.truncate:
-        raise ConfigError(f"{path} row {i} is {len(ids)} tokens, longer than data.max_length="
-                          f"{n}; raise data.max_length (up to the model's context), or set "
-                          "data.truncate=true")
-      ids, targets = ids[:n], targets[:n]
+    ids, targets = _fit(ids, targets, cfg, i, path)
     if not any(targets[1:]):
       continue  # nothing left to learn from after truncation
     out.append(Example(np.asarray(ids, np.int32), np.asarray(targets, np.float32), adapter))
@@ -323,7 +435,7 @@ class Batcher:
       packed = [row for _ in range(accum) for row in self.pack()]
     else:
       packed = [[e] for e in self.take(accum * self.batch_size)]
-    length = bucket(max(sum(len(e.ids) for e in row) for row in packed), self.max_length)
+    length = bucket(max(sum(len(e) for e in row) for row in packed), self.max_length)
     if rows is not None:
       lo, hi = rows
       b = self.batch_size
@@ -336,7 +448,7 @@ def collate(examples: list[Example], accum: int, max_length: int, pad_id: int,
             length: int | None = None, adapter_index: dict[str, int] | None = None) -> dict:
   """One example per row, right-padded to `length` (default: its bucket)."""
   if length is None:
-    length = bucket(max(len(e.ids) for e in examples), max_length)
+    length = bucket(max(len(e) for e in examples), max_length)
   return _collate_rows([[e] for e in examples], accum, pad_id, length, segments=False,
                        adapter_index=adapter_index)
 
@@ -364,6 +476,8 @@ def _collate_rows(rows: list[list[Example]], accum: int, pad_id: int, length: in
   examples of a row in order, 0 on padding. With `adapter_index` ({name: slot}),
   it holds ``adapter_ids`` (accum, rows // accum, 1): each row's bank slot (-1:
   an empty row); the trailing axis lets it share the token arrays' sharding.
+  Rows of preference pairs (`Example.rejected`) also give ``rejected_input_ids``,
+  ``rejected_attention_mask`` and ``rejected_targets``, the same shape.
   """
   n = len(rows)
   ids = np.full((n, length), pad_id, np.int32)
@@ -384,6 +498,11 @@ def _collate_rows(rows: list[list[Example]], accum: int, pad_id: int, length: in
          "targets": targets.reshape(shape)}
   if segments:
     out["segment_ids"] = seg.reshape(shape)
+  if any(e.rejected is not None for row in rows for e in row):
+    # Preference pairs: the rejected sides, padded to the same length as the chosen ones.
+    other = _collate_rows([[e.rejected for e in row if e.rejected is not None] for row in rows],
+                          accum, pad_id, length, segments=False)
+    out.update({f"rejected_{k}": v for k, v in other.items()})
   if adapter_index is not None:
     aid = np.asarray([_adapter_id(row, adapter_index) for row in rows], np.int32)
     out["adapter_ids"] = aid.reshape(accum, n // accum, 1)
@@ -399,7 +518,7 @@ def eval_batches(examples: list[Example], batch_size: int, max_length: int, pad_
   (no targets), so that every batch splits evenly over a device mesh. With
   `adapter_index`, batches hold each row's ``adapter_ids`` as in `Batcher`.
   """
-  order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+  order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
   batches = []
   empty = Example(np.asarray([pad_id], np.int32), np.zeros(1, np.float32))
   for s in range(0, len(order), batch_size):

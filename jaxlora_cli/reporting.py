@@ -262,12 +262,17 @@ def write_report(run_dir: str, cfg, result: dict) -> str:
       f"({100 * result['trainable_params'] / result['total_params']:.3f}%)",
       f"- steps: {result['steps']} x {cfg.train.batch_size * cfg.train.grad_accum} examples "
       f"({result['train_examples']} training examples)",
-      f"- final training loss: {result['final_loss']}",
+      f"- objective: {result.get('objective', 'sft')}; final training loss: "
+      f"{result['final_loss']}",
   ]
   if result.get("eval_loss_after") is not None:
     before = result.get("eval_loss_before")
     lines.append(f"- eval loss: {'' if before is None else f'{before:.4f} -> '}"
                  f"{result['eval_loss_after']:.4f}")
+  if result.get("eval_reward_after") is not None:
+    before = result.get("eval_reward_before")
+    lines.append(f"- eval reward (greedy completions): "
+                 f"{'' if before is None else f'{before:.4f} -> '}{result['eval_reward_after']:.4f}")
   lines += [
       f"- adapter on disk: {result['adapter_bytes']:,} bytes "
       f"({100 * result['adapter_bytes'] / result['base_bytes']:.2f}% of the base's "

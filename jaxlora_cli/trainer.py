@@ -27,8 +27,10 @@ from jaxlora import _tree
 from jaxlora.models import attention as attention_lib
 from jaxlora_cli import config as config_lib
 from jaxlora_cli import data as data_lib
+from jaxlora_cli import objectives
 from jaxlora_cli import preemption
 from jaxlora_cli import reporting
+from jaxlora_cli import rl
 from jaxlora_cli.config import Config, ConfigError
 from jaxlora_cli.preemption import TrainingPreempted  # noqa: F401  (re-exported)
 
@@ -321,14 +323,24 @@ def make_grads(model, dropout: float = 0.0, *, loss_chunk_size: int = 512,
 
 
 def make_train_step(model, tx, dropout: float, shardings=None, *, loss_chunk_size: int = 512,
-                    capacity: int | None = None, router_aux_loss_coef: float = 0.0):
+                    capacity: int | None = None, router_aux_loss_coef: float = 0.0,
+                    objective: Any = None):
   """The jitted step; `shardings` = (trainable, opt_state, frozen, batch, replicated).
 
   `loss_chunk_size` as `train.loss_chunk_size` (0: the loss from full logits);
-  `capacity`: the adapter bank's slots, for the per-adapter loss of `make_grads`.
+  `capacity`: the adapter bank's slots, for the per-adapter loss of `make_grads`;
+  `objective`: None (next-token loss), an `objectives.PairObjective` (preference pairs) or an
+  `objectives.GrpoObjective` (sampled completions with advantages).
   """
-  grads_fn = make_grads(model, dropout, loss_chunk_size=loss_chunk_size, capacity=capacity,
-                        router_aux_loss_coef=router_aux_loss_coef)
+  if isinstance(objective, objectives.PairObjective):
+    grads_fn = objectives.make_pair_grads(model, objective, dropout,
+                                          loss_chunk_size=loss_chunk_size)
+  elif isinstance(objective, objectives.GrpoObjective):
+    grads_fn = objectives.make_grpo_grads(model, objective, dropout,
+                                          loss_chunk_size=loss_chunk_size)
+  else:
+    grads_fn = make_grads(model, dropout, loss_chunk_size=loss_chunk_size, capacity=capacity,
+                          router_aux_loss_coef=router_aux_loss_coef)
 
   def step(trainable, opt_state, frozen, batch, key):
     grads, m = grads_fn(trainable, frozen, batch, key)
@@ -491,18 +503,25 @@ class Evaluator:
   """The eval loss of the run's fixed eval batches (`make_eval`).
 
   With an adapter bank the loss is the mean of the adapters' own eval losses,
-  and `per_adapter` holds each adapter's latest one.
+  and `per_adapter` holds each adapter's latest one. An objective whose `run_eval`
+  returns a dict reports its ``'loss'`` entry (named `name`: ``eval_reward`` for
+  GRPO's mean reward) and keeps the others in `extras`.
   """
   run_eval: Any  # make_eval's run(trainable, frozen, batches)
   batches: list
   bank: bool = False
   per_adapter: dict[str, float] = dataclasses.field(default_factory=dict)
+  name: str = "eval_loss"
+  extras: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def __bool__(self) -> bool:
     return bool(self.batches)
 
   def __call__(self, trainable, frozen) -> float | None:
     loss = self.run_eval(trainable, frozen, self.batches)
+    if isinstance(loss, dict) and not self.bank:
+      self.extras = {k: v for k, v in loss.items() if k != "loss"}
+      return loss["loss"]
     if not self.bank:
       return loss
     self.per_adapter.clear()
@@ -511,8 +530,9 @@ class Evaluator:
 
   def record(self, step: int, loss: float | None) -> dict:
     """The metrics.jsonl record of an eval at `step`."""
-    return {"step": step, "eval_loss": loss,
-            **{f"eval_loss/{n}": v for n, v in self.per_adapter.items()}}
+    return {"step": step, self.name: loss,
+            **{f"eval_loss/{n}": v for n, v in self.per_adapter.items()},
+            **{f"eval_{n}": v for n, v in self.extras.items()}}
 
 
 @dataclasses.dataclass
@@ -541,6 +561,7 @@ class Run:
   evaluator: Evaluator
   ckpt: jaxlora.CheckpointManager
   metrics: Any  # reporting.Metrics on process 0, NullMetrics elsewhere
+  sampler: rl.Sampler | None = None  # train.objective=grpo: the rollouts
 
   @property
   def n_trainable(self) -> int:
@@ -597,11 +618,65 @@ def init_adapters(cfg: Config, params, model, names: list[str] | None):
   them, a bank (`jaxlora.stack`) of one adapter per name (`adapter_key`).
   """
   if names is None:
-    tree = wrap(cfg, params, model, jax.random.key(cfg.train.seed))
+    tree = (start_from(cfg.lora.init_from, params, model) if cfg.lora.init_from else
+            wrap(cfg, params, model, jax.random.key(cfg.train.seed)))
     return tree, None, tree
   singles = {n: wrap(cfg, params, model, adapter_key(cfg.train.seed, n)) for n in names}
   bank = jaxlora.stack(singles)
   return bank.tree, bank, singles[names[0]]
+
+
+def start_from(path: str, params, model):
+  """The tree of a saved adapter (``lora.init_from``): a jaxlora or a PEFT adapter directory."""
+  try:
+    if epath.Path(path, "adapter_config.json").is_file():
+      return jaxlora.peft.load(path, params, model=model)
+    return jaxlora.load(path, params)
+  except (FileNotFoundError, jaxlora.errors.JaxloraError, ValueError) as e:
+    raise ConfigError(f"lora.init_from={path}: {str(e).splitlines()[0]}") from None
+
+
+def objective_of(cfg: Config) -> Any:
+  """``train.objective`` as `make_train_step` takes it (None: next-token loss)."""
+  if cfg.train.objective in config_lib.PAIR_OBJECTIVES:
+    return objectives.PairObjective.from_config(cfg)
+  if cfg.train.objective == "grpo":
+    return objectives.GrpoObjective.from_config(cfg)
+  return None
+
+
+def make_sampler(cfg: Config, model, tok, train_ex) -> rl.Sampler:
+  """GRPO's rollouts: the reward functions are imported (and the data checked) up front."""
+  rl.check_multihost()
+  rewards = rl.load_rewards(cfg.reward.fn, cfg.reward.weights, cfg.reward.answer_field)
+  rl.check_columns(rewards, train_ex, cfg.reward.answer_field, cfg.data.train_file)
+  g = cfg.grpo
+  return rl.Sampler(model, tok, rewards, g.num_generations, g.max_completion_length,
+                    g.temperature, g.top_p, g.scale_rewards, cfg.data.max_length, pad_id(tok))
+
+
+def make_evaluator(cfg: Config, model, objective, place, eval_ex, pid: int, sampler, bank,
+                   names, adapter_index) -> Evaluator:
+  """The run's evaluation: eval loss (SFT, per adapter with a bank), the pair losses and reward
+  accuracy (preference objectives), or the mean reward of greedy completions (GRPO)."""
+  t = cfg.train
+  if sampler is not None:
+    prompts = eval_ex[:t.eval_batches * t.batch_size] if t.eval_batches else eval_ex
+    rows = t.batch_size * cfg.grpo.num_generations
+
+    def mean_reward(trainable, frozen, examples):
+      m = sampler.evaluate(jaxlora.combine(trainable, frozen), examples, rows)
+      return {"loss": m.pop("reward"), **m}
+
+    return Evaluator(mean_reward, prompts, name="eval_reward")
+  batches = data_lib.eval_batches(eval_ex, t.batch_size, cfg.data.max_length, pid,
+                                  t.eval_batches, pad_rows=True, adapter_index=adapter_index)
+  if objective is not None:
+    return Evaluator(objectives.make_pair_eval(model, objective, place,
+                                               loss_chunk_size=t.loss_chunk_size), batches)
+  return Evaluator(make_eval(model, place, loss_chunk_size=t.loss_chunk_size,
+                             adapters=None if bank is None else tuple(names)),
+                   batches, bank=bank is not None)
 
 
 def setup(cfg: Config, mesh, resume: bool, log=print) -> tuple[Run, TrainState]:
@@ -647,12 +722,13 @@ def setup(cfg: Config, mesh, resume: bool, log=print) -> tuple[Run, TrainState]:
   rows = process_rows(b_sh, cfg.train.batch_size)
   place = make_place(b_sh, rows, cfg.train.batch_size)
   pid = pad_id(tok)
-  evaluator = Evaluator(
-      make_eval(model, place, loss_chunk_size=cfg.train.loss_chunk_size,
-                adapters=None if bank is None else tuple(names)),
-      data_lib.eval_batches(eval_ex, cfg.train.batch_size, cfg.data.max_length, pid,
-                            cfg.train.eval_batches, pad_rows=True, adapter_index=adapter_index),
-      bank=bank is not None)
+  objective = objective_of(cfg)
+  sampler = make_sampler(cfg, model, tok, train_ex) if cfg.train.objective == "grpo" else None
+  evaluator = make_evaluator(cfg, model, objective, place, eval_ex, pid, sampler, bank, names,
+                             adapter_index)
+  if cfg.train.router_aux_loss_coef and objective is not None:
+    raise ConfigError(f"train.router_aux_loss_coef applies to train.objective=sft; set it to 0 "
+                      f"for train.objective={cfg.train.objective}")
   if cfg.train.router_aux_loss_coef and not getattr(model.config, "num_experts", 0):
     raise ValueError(f"train.router_aux_loss_coef={cfg.train.router_aux_loss_coef} applies to "
                      f"mixture-of-experts models, but {cfg.model.path!r} is a dense "
@@ -664,7 +740,8 @@ def setup(cfg: Config, mesh, resume: bool, log=print) -> tuple[Run, TrainState]:
       step_fn=make_train_step(model, tx, cfg.lora.dropout, (t_sh, o_sh, f_sh, b_sh, rep),
                               loss_chunk_size=cfg.train.loss_chunk_size,
                               capacity=None if bank is None else len(names),
-                              router_aux_loss_coef=cfg.train.router_aux_loss_coef),
+                              router_aux_loss_coef=cfg.train.router_aux_loss_coef,
+                              objective=objective),
       place=place, rows=rows,
       batcher=data_lib.Batcher(train_ex, cfg.train.batch_size, cfg.data.max_length,
                                cfg.data.seed, pid, packing=cfg.data.packing,
@@ -674,7 +751,8 @@ def setup(cfg: Config, mesh, resume: bool, log=print) -> tuple[Run, TrainState]:
                                      max_to_keep=cfg.train.keep_checkpoints,
                                      save_interval_steps=cfg.train.save_every),
       metrics=reporting.Metrics(out, cfg.report_to, wandb_init(cfg, out)) if main_process
-      else reporting.NullMetrics())
+      else reporting.NullMetrics(),
+      sampler=sampler)
   state = TrainState(0, trainable, opt_state, jax.random.key(cfg.train.seed + 1))
   if resume and run.ckpt.latest_step() is not None:
     state = restore(run, state)
@@ -719,8 +797,23 @@ def train_step(run: Run, state: TrainState) -> tuple[TrainState, dict[str, float
       checkpoint of it is written (pending saves finish first).
   """
   cfg = run.cfg
-  batch = run.place(run.batcher.next(cfg.train.grad_accum, rows=run.rows), local=True)
   rng, sub = jax.random.split(state.rng)
+  rollout: dict[str, float] = {}
+  if run.sampler is not None:  # GRPO: sample and score this step's completions first
+    sub, key = jax.random.split(sub)
+    position = dict(run.batcher.state)
+    prompts = run.batcher.take(cfg.train.batch_size * cfg.train.grad_accum)
+    try:
+      host, rollout = run.sampler.rollout(jaxlora.combine(state.trainable, run.frozen), prompts,
+                                          [e.row for e in prompts], cfg.train.grad_accum, key)
+    except rl.RewardError as e:
+      run.batcher.state = position  # nothing of this step happened
+      kept = run.ckpt.latest_step()
+      raise rl.RewardError(f"step {state.step + 1}: {e} (last checkpoint: "
+                           f"{'step ' + str(kept) if kept is not None else 'none yet'})") from e
+    batch = run.place(host)
+  else:
+    batch = run.place(run.batcher.next(cfg.train.grad_accum, rows=run.rows), local=True)
   trainable, opt_state, m = run.step_fn(state.trainable, state.opt_state, run.frozen, batch, sub)
   loss = float(m["loss"])
   if not math.isfinite(loss):
@@ -731,7 +824,7 @@ def train_step(run: Run, state: TrainState) -> tuple[TrainState, dict[str, float
         f"({'step ' + str(kept) if kept is not None else 'none yet'}) is kept in "
         f"{run_path(run.out, 'checkpoints')}. Lower train.lr or raise train.warmup_steps.")
   return (TrainState(state.step + 1, trainable, opt_state, rng),
-          {"loss": loss, "tokens": float(m["tokens"]), "grad_norm": float(m["grad_norm"])})
+          {"loss": loss, **{k: float(v) for k, v in m.items() if k != "loss"}, **rollout})
 
 
 def save_checkpoint(run: Run, state: TrainState, *, force: bool = False) -> bool:
@@ -762,6 +855,9 @@ def export(run: Run, trainable) -> str:
     jaxlora.peft.save(run_path(out, "adapters_peft", name), single, model=run.model,
                       base_model_name_or_path=base_path)
   return run_path(out, "adapters")
+
+
+_LOGGED = ("loss", "grad_norm", "tokens")  # written under their own names, or as tokens_per_s
 
 
 def _describe(run: Run) -> str:
@@ -813,7 +909,8 @@ def _run(cfg: Config, run: Run, state: TrainState, log, progress: bool,
       if done % cfg.train.log_every == 0 or done == cfg.train.steps:
         run.metrics.write({"step": done, "loss": last_loss, "grad_norm": m["grad_norm"],
                            "lr": float(run.lr_schedule(done - 1)), "tokens_per_s": rate,
-                           "elapsed_s": now - t0})
+                           "elapsed_s": now - t0,
+                           **{k: v for k, v in m.items() if k not in _LOGGED}})
       if evaluator and cfg.train.eval_every and done % cfg.train.eval_every == 0 \
           and done != cfg.train.steps:
         run.metrics.write(evaluator.record(done, evaluator(state.trainable, run.frozen)))
@@ -835,9 +932,12 @@ def _run(cfg: Config, run: Run, state: TrainState, log, progress: bool,
   adapter_dir = export(run, state.trainable)
   if jax.process_index() != 0:
     return {}
+  name = evaluator.name  # eval_loss, or GRPO's eval_reward
   result = {
-      "steps": cfg.train.steps, "final_loss": last_loss, "eval_loss_before": eval_before,
-      "eval_loss_after": eval_after, "trainable_params": run.n_trainable,
+      "steps": cfg.train.steps, "objective": cfg.train.objective, "final_loss": last_loss,
+      f"{name}_before": eval_before, f"{name}_after": eval_after,
+      **({"eval_metrics_after": dict(evaluator.extras)} if evaluator.extras else {}),
+      "trainable_params": run.n_trainable,
       "total_params": run.n_total, "train_examples": len(run.train_examples),
       "adapter_bytes": reporting.du(adapter_dir),
       "base_bytes": sum(x.nbytes for x in jax.tree.leaves(run.params)),

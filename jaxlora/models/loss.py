@@ -73,12 +73,14 @@ def chunked_cross_entropy(model: Decoder, params: Any, hidden: jax.Array, labels
     labels: int ``(batch, seq)`` target token ids (already shifted).
     weights: ``(batch, seq)`` loss weights (0 on padding); default all ones.
     chunk_size: sequence positions per chunk.
-    reduction: ``'mean'`` (weighted mean) or ``'sum'`` (weighted sum, for callers that
-      add up losses and token counts over several batches themselves).
+    reduction: ``'mean'`` (weighted mean), ``'sum'`` (weighted sum, for callers that
+      add up losses and token counts over several batches themselves) or ``'none'``
+      (``weights * nll`` per position: minus the targets' log-probabilities where the weight
+      is 1, e.g. for sequence log-probs of preference losses).
 
   Returns:
     ``sum(weights * nll) / max(sum(weights), 1)`` (``'mean'``) or ``sum(weights * nll)``
-    (``'sum'``) as a float32 scalar.
+    (``'sum'``) as a float32 scalar; ``'none'``: float32 ``(batch, seq)``.
 
   Raises:
     ValueError: shapes that do not match, a chunk size below 1, or an unknown reduction.
@@ -97,11 +99,14 @@ def chunked_cross_entropy(model: Decoder, params: Any, hidden: jax.Array, labels
   >>> total = chunked_cross_entropy(model, params, h, ids[:, 1:], chunk_size=4, reduction="sum")
   >>> bool(jnp.allclose(total, 9 * full, rtol=1e-6))
   True
+  >>> per = chunked_cross_entropy(model, params, h, ids[:, 1:], chunk_size=4, reduction="none")
+  >>> per.shape, bool(jnp.allclose(per.mean(), full, rtol=1e-6))
+  ((1, 9), True)
   """
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
-  if reduction not in ("mean", "sum"):
-    raise InputError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+  if reduction not in ("mean", "sum", "none"):
+    raise InputError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
   b, t, d = hidden.shape
   if tuple(labels.shape) != (b, t):
     raise InputError(f"labels {tuple(labels.shape)} must be (batch, seq) = {(b, t)} like hidden.")
@@ -117,13 +122,17 @@ def chunked_cross_entropy(model: Decoder, params: Any, hidden: jax.Array, labels
   head = _head(model, params)
 
   @jax.checkpoint
-  def chunk_loss(head, h, y, wt):
+  def chunk_nll(head, h, y, wt):
     logits = _logits(model, head, h).astype(jnp.float32)
     gold = jnp.take_along_axis(logits, y[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - gold) * wt)
+    return (jax.nn.logsumexp(logits, axis=-1) - gold) * wt
+
+  if reduction == "none":
+    per_chunk = jax.lax.map(lambda xs: chunk_nll(head, *xs), (hc, yc, wc))  # (n, b, chunk)
+    return per_chunk.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
 
   def body(total, xs):
-    return total + chunk_loss(head, *xs), None
+    return total + jnp.sum(chunk_nll(head, *xs)), None
 
   total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hc, yc, wc))
   if reduction == "sum":

@@ -11,6 +11,9 @@ completions, right-padded to ``--seq`` tokens) on one Llama-shaped
        (`jaxlora.preference.reference_tree`: the same params with the adapters off,
        forward only, no gradient), all in one jitted program; no second copy of the
        weights
+  sft_cli, dpo_cli  the same two objectives as `jaxlora train` runs them
+       (`jaxlora_cli.trainer.make_train_step`, train.objective=sft vs dpo): the head
+       and loss in chunks of 512 positions, gradient clipping off, same adamw
 
 Times alternate over ``--reps`` rounds (medians). Peak memory is the peak RSS of a
 subprocess per variant that compiles its step ahead of time, returns the heap
@@ -41,8 +44,9 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jaxlora  # noqa: E402  (the checkout's copy, without installing it)
 from jaxlora import preference  # noqa: E402
+from jaxlora_cli import objectives, trainer  # noqa: E402
 
-VARIANTS = ("sft", "dpo")
+VARIANTS = ("sft", "dpo", "sft_cli", "dpo_cli")
 
 
 def build(args):
@@ -85,13 +89,28 @@ def build(args):
     return jax.jit(step, donate_argnums=(0, 1))
 
   steps = {"sft": make_step(sft_loss), "dpo": make_step(dpo_objective)}
+  datas = {"sft": data, "dpo": data}
+  key = jax.random.key(0)
+
+  def cli_step(objective):
+    inner = trainer.make_train_step(model, tx, 0.0, objective=objective)
+    return jax.jit(lambda t, o, f, batch, k: (lambda r: (r[0], r[1], r[2]["loss"]))(
+        inner(t, o, f, batch, k)), donate_argnums=(0, 1))
+
+  rows = {"input_ids": data[0][None], "attention_mask": data[1][None],
+          "targets": data[2][None].astype(jnp.float32)}
+  b = args.batch
+  pairs = {k: v[:, :b] for k, v in rows.items()}
+  pairs.update({f"rejected_{k}": v[:, b:] for k, v in rows.items()})
+  steps["sft_cli"], datas["sft_cli"] = cli_step(None), (rows, key)
+  steps["dpo_cli"], datas["dpo_cli"] = cli_step(objectives.PairObjective("dpo", 0.1)), (pairs, key)
   init = lambda: [jax.tree.map(jnp.copy, trainable), tx.init(trainable)]
-  return steps, init, frozen, data
+  return steps, init, frozen, datas
 
 
 def memory_child(args) -> None:
-  steps, init, frozen, data = build(args)
-  r = machine.Runner(steps[args.memory_child], init, (frozen,), data)
+  steps, init, frozen, datas = build(args)
+  r = machine.Runner(steps[args.memory_child], init, (frozen,), datas[args.memory_child])
   r.compile()
   machine.trim_heap()
   for _ in range(2):
@@ -123,8 +142,8 @@ def main():
     cmd += [f"--{k}={getattr(args, k)}" for k in ("layers", "d", "vocab", "batch", "seq")]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     peaks[v] = json.loads(out.strip().splitlines()[-1])["peak_rss"]
-  steps, init, frozen, data = build(args)
-  runners = {k: machine.Runner(steps[k], init, (frozen,), data) for k in VARIANTS}
+  steps, init, frozen, datas = build(args)
+  runners = {k: machine.Runner(steps[k], init, (frozen,), datas[k]) for k in VARIANTS}
   for r in runners.values():  # compile and warm up
     r.step()
     r.step()
@@ -134,11 +153,12 @@ def main():
       times[k].append(runners[k].step())
   med = {k: statistics.median(v) for k, v in times.items()}
   for k in VARIANTS:
-    print(f"  {k:4s} {med[k] * 1e3:9.1f} ms/step (min {min(times[k]) * 1e3:.1f} ms)  "
+    print(f"  {k:7s} {med[k] * 1e3:9.1f} ms/step (min {min(times[k]) * 1e3:.1f} ms)  "
           f"peak RSS {peaks[k] / 2**30:.2f} GiB")
-  print(f"  dpo / sft: step time {med['dpo'] / med['sft']:.2f}x (median), "
-        f"{min(times['dpo']) / min(times['sft']):.2f}x (min); peak RSS "
-        f"{peaks['dpo'] / peaks['sft']:.2f}x")
+  for dpo, sft in (("dpo", "sft"), ("dpo_cli", "sft_cli")):
+    print(f"  {dpo} / {sft}: step time {med[dpo] / med[sft]:.2f}x (median), "
+          f"{min(times[dpo]) / min(times[sft]):.2f}x (min); peak RSS "
+          f"{peaks[dpo] / peaks[sft]:.2f}x")
   print("  all samples (s):", json.dumps({k: [round(t, 4) for t in v] for k, v in times.items()}))
 
 

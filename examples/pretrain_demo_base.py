@@ -128,6 +128,8 @@ def main():
   words = collections.Counter(w.lower() for d in docs for w in re.findall(r"\b[a-zA-Z]{5}\b", d))
   with open(os.path.join(args.out, "words.json"), "w") as f:
     json.dump(sorted(w for w, c in words.items() if c >= 2), f)
+  with open(os.path.join(args.out, "rl_words.json"), "w") as f:  # `jaxlora demo --grpo`'s prompts
+    json.dump(sorted(w for w, c in words.items() if c == 1), f)
   with open(os.path.join(args.out, "PROVENANCE.md"), "w") as f:
     f.write(
         "# Demo base model\n\n"
@@ -137,7 +139,8 @@ def main():
         f"{sum(map(len, docs)):,} characters,\n"
         f"{args.steps} steps of {args.batch} x {args.seq} characters; final training loss "
         f"{float(l):.3f} nats/char.\n"
-        "`words.json` lists the 5-letter words of that corpus that occur at least twice.\n")
+        "`words.json` lists the 5-letter words of that corpus that occur at least twice,\n"
+        "`rl_words.json` those that occur once.\n")
   print(f"wrote {args.out} in {time.time() - t0:.0f} s")
 
 

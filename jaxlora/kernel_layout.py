@@ -31,6 +31,18 @@ EXPERT_DENSE = "ExpertDense"
 _HEAD_NAME = re.compile(r"(^|/)(lm_head|head|logits|output_head|classifier|score)$")
 
 
+def is_head(path: str) -> bool:
+  """Whether a module path names an output head by its name, as ``'all-linear'`` reads it.
+
+  A traced `Layout` also marks modules whose output is the model's output; this is the name
+  rule alone, for layers known by path only.
+
+  >>> is_head("lm_head"), is_head("model/score"), is_head("layers_0/attn/head_proj")
+  (True, True, False)
+  """
+  return bool(_HEAD_NAME.search(path))
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelLayout:
   """How one kernel is used: the layer kind and the role of each kernel axis."""

@@ -140,7 +140,7 @@ def _tree_of(model: nnx.Module, *, adapters: bool) -> tuple[dict, layout_lib.Lay
   for name, (path, module) in _layers(model).items():
     base = module.base_layer if isinstance(module, LoRA) else module
     kind, roles = _roles(name, base)
-    head = bool(layout_lib._HEAD_NAME.search(name))  # pylint: disable=protected-access
+    head = layout_lib.is_head(name)
     kernels[name] = layout_lib.KernelLayout(kind, roles, head)
     entry = {KERNEL_KEY: base.kernel[...]}
     if adapters and isinstance(module, LoRA):

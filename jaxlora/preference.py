@@ -92,8 +92,9 @@ def reference_tree(tree: PyTree) -> PyTree:
   - Leaves trained in full (``train_extra``, ``bias='all'|'lora_only'``): these train in place,
     and the tree keeps no copy of their original values, so the reference uses their *current
     (trained) values*. For a reference with the original values, keep a copy of those leaves
-    before training and put them back (e.g. ``jaxlora._tree.overlay(reference_tree(tree),
-    original_extras)``), or precompute the reference log-probs before training.
+    before training and put them back into the reference (the same keys of the nested dict),
+    or precompute the reference log-probs before training. (The command line refuses
+    ``lora.train_extra`` and ``lora.bias`` with a reference model for this reason.)
 
   Args:
     tree: a wrapped param tree (a params dict or ``{'params': ...}`` variables, as `jaxlora.wrap`

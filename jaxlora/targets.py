@@ -71,7 +71,7 @@ def _all_linear(layout: layout_lib.Layout | None) -> Callable[[str, Any], bool]:
       return info is not None and not info.is_head and not _ROUTER.search(path)
     # Without a layout only plain 2-D kernels are known to be Dense layers;
     # `wrap` rejects N-D ones with a message that asks for a layout.
-    return not layout_lib._HEAD_NAME.search(path) and not _ROUTER.search(path)
+    return not layout_lib.is_head(path) and not _ROUTER.search(path)
   return pred
 
 

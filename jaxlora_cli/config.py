@@ -14,7 +14,7 @@ its default, its help text and the values it allows (``choices``, a range ``ge``
 Traceback (most recent call last):
 ...
 jaxlora_cli.config.ConfigError: config key 'data.format' must be one of text, \
-prompt_completion, chat, got 'csv'
+prompt_completion, chat, preference, prompts, got 'csv'
 """
 
 from __future__ import annotations
@@ -105,6 +105,11 @@ class ModelSection:
                        "is an error", choices=("auto", "xla", "cudnn", "splash", "flash"))
   revision: Union[str, None] = key(None, "branch, tag or commit of a Hub id model.path "
                                    "(default: main)")
+  merge_adapter: Union[str, None] = key(
+      None, "merge this adapter (a jaxlora or PEFT adapter directory, e.g. an SFT run's "
+      "runs/sft/adapter) into the base weights as they load: the run's fresh adapter trains on "
+      "top, and the DPO/GRPO reference (adapters off) is that merged model. To serve, load both "
+      "adapters (PEFT: both active) or merge this one first")
 
 
 @dataclasses.dataclass
@@ -561,6 +566,13 @@ def _check_objective(cfg: Config) -> None:
   if cfg.train.objective == "robust" and cfg.preference.label_smoothing >= 0.5:
     raise ConfigError(f"preference.label_smoothing={cfg.preference.label_smoothing} must be "
                       "below 0.5 for train.objective=robust")
+  uses_reference = objective in ("dpo", "ipo", "hinge", "robust") or \
+      (objective == "grpo" and cfg.grpo.beta > 0)
+  if uses_reference and (cfg.lora.train_extra or cfg.lora.bias != "none"):
+    raise ConfigError(f"train.objective={objective} compares with the base as reference, but "
+                      "lora.train_extra / lora.bias train base leaves in place, so the reference "
+                      "would see their trained values; leave them unset (or, for grpo, set "
+                      "grpo.beta=0)")
   fns = cfg.reward.fn if isinstance(cfg.reward.fn, list) else [cfg.reward.fn]
   if cfg.reward.weights is not None and len(cfg.reward.weights) != len(fns):
     raise ConfigError(f"reward.weights={cfg.reward.weights} must give one weight per reward.fn "

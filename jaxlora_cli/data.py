@@ -18,9 +18,11 @@ names to bank slots; -1 marks an empty row).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -49,6 +51,23 @@ class Example:
     return max(len(self.ids), 0 if self.rejected is None else len(self.rejected.ids))
 
 
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[Any]:
+  """`datasets` without progress bars and without its own log lines while it loads: on an
+  unreadable file it logs an ERROR before it raises, and from its cache it warns "using the
+  cached version"; the callers' errors say what matters, with the path and the fix."""
+  import datasets  # pylint: disable=import-outside-toplevel
+
+  datasets.disable_progress_bars()
+  logger = logging.getLogger("datasets")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield datasets
+  finally:
+    logger.setLevel(level)
+
+
 def read_rows(path: str) -> Any:
   """The rows of a local jsonl/json/csv/parquet/text file, or the ``train`` split of a Hugging
   Face Hub dataset id (``org/name``, `read_hub_dataset`), through `datasets`."""
@@ -66,23 +85,14 @@ def read_rows(path: str) -> Any:
                       f"{', '.join(sorted(_BUILDERS))}")
   if os.path.getsize(path) == 0:
     raise ConfigError(f"data file {path} holds no rows")
-  import datasets  # pylint: disable=import-outside-toplevel
-
-  datasets.disable_progress_bars()
-  # On an unreadable file `datasets` logs its own ERROR line before it raises; the error below
-  # says the same with the path and the fix, so the user should see that one line only.
-  logger = logging.getLogger("datasets")
-  level = logger.level
-  logger.setLevel(logging.CRITICAL)
   try:
-    ds = datasets.load_dataset(_BUILDERS[ext], data_files=path, split="train",
-                               keep_in_memory=True)
+    with _quiet_datasets() as datasets:
+      ds = datasets.load_dataset(_BUILDERS[ext], data_files=path, split="train",
+                                 keep_in_memory=True)
   except Exception as e:  # datasets raises many types for unreadable files
     raise ConfigError(f"data file {path} is not valid {_KINDS[_BUILDERS[ext]]}: {_cause(e)}; "
                       "fix the file, or give it the extension of its format (one of "
                       f"{', '.join(sorted(_BUILDERS))})") from None
-  finally:
-    logger.setLevel(level)
   if len(ds) == 0:
     raise ConfigError(f"data file {path} holds no rows")
   return ds
@@ -104,14 +114,9 @@ def read_hub_dataset(repo_id: str, split: str = "train") -> Any:
   jaxlora_cli.config.ConfigError: data file no-such-org/no-such-data is not a local file, ...
   >>> mp.undo()
   """
-  import datasets  # pylint: disable=import-outside-toplevel
-
-  datasets.disable_progress_bars()
-  logger = logging.getLogger("datasets")
-  level = logger.level
-  logger.setLevel(logging.CRITICAL)  # its "using the cached version" warnings
   try:
-    ds = datasets.load_dataset(repo_id, split=split, keep_in_memory=True)
+    with _quiet_datasets() as datasets:
+      ds = datasets.load_dataset(repo_id, split=split, keep_in_memory=True)
   except (ConnectionError, FileNotFoundError) as e:  # offline and not cached; no such dataset
     load = f"datasets.load_dataset('{repo_id}', split='{split}')"
     raise ConfigError(
@@ -122,8 +127,6 @@ def read_hub_dataset(repo_id: str, split: str = "train") -> Any:
   except Exception as e:  # datasets raises many types: no such split, unreadable files, ...
     raise ConfigError(f"Hugging Face Hub dataset {repo_id} (split {split!r}) could not be "
                       f"loaded: {_cause(e)}") from None
-  finally:
-    logger.setLevel(level)
   if len(ds) == 0:
     raise ConfigError(f"Hugging Face Hub dataset {repo_id} (split {split!r}) holds no rows")
   return ds

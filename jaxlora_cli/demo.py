@@ -5,6 +5,10 @@ Python standard-library docstrings. The task is ROT13 of 5-letter words
 (``rot13: hello => uryyb``): every character maps to the one 13 letters on.
 Training and evaluation words are disjoint, so the exact-match score measures
 whether the adapter learned the mapping rather than memorised answers.
+
+`jaxlora demo --grpo` continues with GRPO from the SFT adapter: it samples answers
+for other words of the corpus (`rl_words.json`, used by neither split), rewards the
+right ones and measures exact match on the same unseen words again.
 """
 
 from __future__ import annotations
@@ -130,6 +134,97 @@ def run(out_dir: str = "runs/demo", steps: int = 800, seed: int = 0, progress: b
   return out
 
 
+def write_rl_prompts(path: str) -> int:
+  """GRPO's prompts: the corpus's 5-letter words that occur once (`rl_words.json`), none of
+  them a training or evaluation word of the SFT demo; their answers are only read by the
+  reward. Returns how many."""
+  with open(os.path.join(DEMO_BASE, "rl_words.json")) as f:
+    words = json.load(f)
+  with open(path, "w") as f:
+    for w in words:
+      f.write(json.dumps({"prompt": prompt(w), "completion": " " + rot13(w)}) + "\n")
+  return len(words)
+
+
+def grpo_config(out_dir: str, steps: int, seed: int, **overrides):
+  """GRPO from the SFT demo's adapter: the reward checks each sampled answer (exact match,
+  plus partial credit per character)."""
+  data = os.path.join(out_dir, "data")
+  return demo_config(
+      out_dir, steps, seed, **{
+          "output_dir": os.path.join(out_dir, "grpo"),
+          "data.train_file": os.path.join(data, "rl_prompts.jsonl"),
+          "data.format": "prompts", "train.objective": "grpo",
+          "reward.fn": ["exact_match", "jaxlora_cli.demo:char_match"],
+          "reward.answer_field": "completion",
+          "lora.init_from": os.path.join(out_dir, "run", "adapter"),
+          "grpo.num_generations": 8, "grpo.max_completion_length": 7,
+          "train.batch_size": 8, "train.lr": 1e-3, "train.warmup_steps": 0,
+          "train.save_every": 25, "train.log_every": 5, **overrides})
+
+
+def run_grpo(out_dir: str = "runs/demo", steps: int = 150, sft_steps: int = 800, seed: int = 0,
+             progress: bool = True, log=print) -> dict:
+  """The SFT demo (or its finished run in `out_dir`), then GRPO from its adapter; exact match
+  on the same unseen words after each."""
+  import jaxlora  # pylint: disable=import-outside-toplevel
+  from jaxlora_cli import trainer  # pylint: disable=import-outside-toplevel
+
+  t0 = time.time()
+  sft_dir = os.path.join(out_dir, "run")
+  if os.path.isfile(os.path.join(sft_dir, "result.json")):
+    log(f"using the finished SFT demo run in {sft_dir}")
+    _, eval_words = write_task(os.path.join(out_dir, "data"), seed)
+  else:
+    run(out_dir, steps=sft_steps, seed=seed, progress=progress, log=log)
+    _, eval_words = write_task(os.path.join(out_dir, "data"), seed)
+  n_prompts = write_rl_prompts(os.path.join(out_dir, "data", "rl_prompts.jsonl"))
+  cfg = grpo_config(out_dir, steps, seed)
+  model, params = trainer.load_model(cfg)
+  tok = trainer.load_tokenizer(DEMO_BASE)
+  sft = jaxlora.load(os.path.join(sft_dir, "adapter"), params)
+  acc_sft, _ = exact_match(model, sft, tok, eval_words)
+  result = trainer.train(cfg, progress=progress, log=log)
+  tree = jaxlora.load(os.path.join(cfg.output_dir, "adapter"), params)
+  acc_rl, after = exact_match(model, tree, tok, eval_words)
+  lines = [
+      "", "jaxlora demo --grpo: GRPO after the SFT adapter, rewarded for right answers",
+      f"  exact match on {len(eval_words)} unseen words: SFT {100 * acc_sft:.1f}% -> "
+      f"GRPO {100 * acc_rl:.1f}%",
+      f"  {steps} steps x {cfg.train.batch_size} prompts x {cfg.grpo.num_generations} sampled "
+      f"completions, prompts from {n_prompts} other words (reward: exact match + share of "
+      "right characters)",
+      f"  run directory: {os.path.abspath(cfg.output_dir)}",
+      f"  total time: {time.time() - t0:.0f} s"]
+  log("\n".join(lines))
+  out = {"exact_match_sft": acc_sft, "exact_match_grpo": acc_rl, "steps": steps,
+         "eval_reward_before": result.get("eval_reward_before"),
+         "eval_reward_after": result.get("eval_reward_after"), "seconds": time.time() - t0}
+  with open(os.path.join(out_dir, "demo_grpo.json"), "w") as f:
+    json.dump(out, f, indent=2)
+  return out
+
+
 def main_stdout(args) -> None:
-  run(args.out, steps=args.steps, seed=args.seed, progress=not args.no_progress,
-      log=lambda s: print(s, file=sys.stdout, flush=True))
+  log = lambda s: print(s, file=sys.stdout, flush=True)
+  if args.grpo:
+    run_grpo(args.out, steps=args.grpo_steps, sft_steps=args.steps, seed=args.seed,
+             progress=not args.no_progress, log=log)
+    return
+  run(args.out, steps=args.steps, seed=args.seed, progress=not args.no_progress, log=log)
+
+
+def char_match(prompts: list[str], completions: list[str], completion: list[str],
+               **columns) -> list[float]:
+  """The share of the answer's characters the completion gets right, position by position
+  (a reward with partial credit for `jaxlora demo --grpo`).
+
+  >>> char_match(["rot13: hello =>"], ["uryxx"], completion=[" uryyb"])
+  [0.6]
+  """
+  del prompts, columns
+  out = []
+  for c, a in zip(completions, completion):
+    c, a = c.strip(), a.strip()
+    out.append(sum(x == y for x, y in zip(c, a)) / max(len(a), len(c), 1))
+  return out

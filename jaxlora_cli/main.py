@@ -107,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
   d.add_argument("--steps", type=int, default=800, help="training steps (800)")
   d.add_argument("--seed", type=int, default=0, help="seed for the word split and init")
   d.add_argument("--no-progress", action="store_true", help="no progress bar")
+  d.add_argument("--grpo", action="store_true",
+                 help="then GRPO from the SFT adapter (reuses a finished SFT demo in --out): "
+                 "samples answers, rewards the right ones, measures exact match again")
+  d.add_argument("--grpo-steps", type=int, default=150, help="GRPO steps (150)")
   return p
 
 

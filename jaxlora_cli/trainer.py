@@ -104,6 +104,13 @@ def load_model(cfg: Config, mesh=None):
         double_quant=cfg.model.double_quant, attention=cfg.model.attention)
   except jaxlora.errors.JaxloraError as e:
     raise ConfigError(str(e)) from None
+  if cfg.model.merge_adapter:
+    if cfg.model.quantize:
+      raise ConfigError("model.merge_adapter cannot merge into a quantized base "
+                        f"(model.quantize={cfg.model.quantize}); merge it into a float "
+                        "checkpoint first (jaxlora merge) and quantize that")
+    params = jaxlora.merge(start_from(cfg.model.merge_adapter, params, model,
+                                      "model.merge_adapter"))
   return model, params
 
 
@@ -626,14 +633,15 @@ def init_adapters(cfg: Config, params, model, names: list[str] | None):
   return bank.tree, bank, singles[names[0]]
 
 
-def start_from(path: str, params, model):
-  """The tree of a saved adapter (``lora.init_from``): a jaxlora or a PEFT adapter directory."""
+def start_from(path: str, params, model, key_name: str = "lora.init_from"):
+  """The tree of a saved adapter (``lora.init_from``, ``model.merge_adapter``): a jaxlora or a
+  PEFT adapter directory."""
   try:
     if epath.Path(path, "adapter_config.json").is_file():
       return jaxlora.peft.load(path, params, model=model)
     return jaxlora.load(path, params)
   except (FileNotFoundError, jaxlora.errors.JaxloraError, ValueError) as e:
-    raise ConfigError(f"lora.init_from={path}: {str(e).splitlines()[0]}") from None
+    raise ConfigError(f"{key_name}={path}: {str(e).splitlines()[0]}") from None
 
 
 def objective_of(cfg: Config) -> Any:

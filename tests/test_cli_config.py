@@ -20,7 +20,8 @@ def test_every_key_is_declared_with_help():
     assert f.metadata.get("help"), f"config key {name} has no help"
   sections = [f.name for f in dataclasses.fields(config_lib.Config)
               if dataclasses.is_dataclass(f.default_factory)]
-  assert sections == ["model", "lora", "data", "train", "mesh", "distributed", "wandb"]
+  assert sections == ["model", "lora", "data", "train", "mesh", "distributed", "wandb",
+                      "preference", "grpo", "reward"]
   assert {name.split(".")[0] for name, _ in KEYS} == {"output_dir", "report_to", *sections}
   assert config_lib.DOCS == {name: f.metadata["help"] for name, f in KEYS}
 
@@ -65,7 +66,7 @@ def test_defaults_types_and_coercion():
 
 
 @pytest.mark.parametrize("override,allowed", [
-    ("data.format=csv", "one of text, prompt_completion, chat"),
+    ("data.format=csv", "one of text, prompt_completion, chat, preference, prompts"),
     ("model.dtype=int8", "one of float32, bfloat16, float16"),
     ("model.quantize=nf5", "one of null, nf4, fp4, int8"),
     ("mesh.rules=tp", "one of fsdp, fsdp_tp, ep"),

@@ -40,6 +40,15 @@ def test_task_split_and_answers(tmp_path):
   assert rows[0] == {"prompt": f"rot13: {evals[0]} =>", "completion": " " + demo.rot13(evals[0])}
 
 
+def test_grpo_prompts_are_other_words(tmp_path):
+  n = demo.write_rl_prompts(str(tmp_path / "rl.jsonl"))
+  rows = [json.loads(l) for l in open(tmp_path / "rl.jsonl")]
+  words = [r["prompt"].split()[1] for r in rows]
+  with open(os.path.join(demo.DEMO_BASE, "words.json")) as f:
+    assert n == len(rows) > 200 and not set(words) & set(json.load(f))
+  assert all(r["completion"] == " " + demo.rot13(w) for r, w in zip(rows, words))
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
   # The README's main job, as a fresh machine runs it: its own process on the one CPU device
@@ -65,3 +74,21 @@ def test_demo_end_to_end(tmp_path):
   gen = np.asarray(jaxlora.generate(model, tree, ids, max_new_tokens=6))
   right = [tok.decode(g, skip_special_tokens=True).strip() == demo.rot13(w) for g, w in zip(gen, evals[:50])]
   assert abs(np.mean(right) - res["exact_match_after"]) < 0.2
+
+  # `--grpo` continues from that SFT run (not trained again): GRPO from its adapter, with the
+  # scores before and after measured on the same unseen words.
+  proc = subprocess.run([sys.executable, "-m", "jaxlora_cli", "demo", "--out",
+                         str(tmp_path / "demo"), "--no-progress", "--grpo", "--grpo-steps", "3"],
+                        env=env, capture_output=True, text=True, timeout=1200, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "using the finished SFT demo run" in proc.stdout and "SFT " in proc.stdout
+  rl = json.loads((tmp_path / "demo" / "demo_grpo.json").read_text())
+  assert rl["exact_match_sft"] == res["exact_match_after"]
+  assert rl["eval_reward_before"] is not None and rl["steps"] == 3
+  metrics = [json.loads(l) for l in open(tmp_path / "demo" / "grpo" / "metrics.jsonl")]
+  assert any("rewards/jaxlora_cli.demo:char_match" in r for r in metrics)
+  tuned = jaxlora.load(str(tmp_path / "demo" / "grpo" / "adapter"), params)
+  gen = np.asarray(jaxlora.generate(model, tuned, ids, max_new_tokens=6))
+  right = [tok.decode(g, skip_special_tokens=True).strip() == demo.rot13(w)
+           for g, w in zip(gen, evals[:50])]
+  assert abs(np.mean(right) - rl["exact_match_grpo"]) < 0.2

@@ -264,7 +264,9 @@ def test_objective_and_format_must_agree():
       (["train.objective=orpo", "data.format=preference", "data.packing=true"],
        "data.packing=false"),
       (["train.objective=grpo", "data.format=prompts", "reward.fn=[exact_match]",
-        "reward.weights=[1,2]"], "one weight per reward.fn")):
+        "reward.weights=[1,2]"], "one weight per reward.fn"),
+      (["train.objective=dpo", "data.format=preference", "lora.train_extra=lm_head$"],
+       "the reference would see their trained values")):
     with pytest.raises(config_lib.ConfigError, match=message):
       config_lib.load(None, overrides)
 
@@ -329,12 +331,20 @@ def _resumes_bit_identically(args, tmp_path):
 
 
 def test_dpo_run_logs_rewards_exports_and_resumes_bit_identically(model_dir, pair_files,
-                                                                  tmp_path):
+                                                                  trained_run, tmp_path):
+  """DPO after SFT: the SFT run's adapter merged into the base, so that the reference (the
+  adapters off) is the SFT model and a fresh adapter trains on top."""
+  sft = trained_run / "adapter"
   args = lambda out: cli_args(model_dir, pair_files / "pairs.jsonl", out,
                               "data.format=preference", "train.objective=dpo",
                               "data.eval_fraction=0.25", "train.grad_accum=2",
-                              "train.batch_size=4")
+                              "train.batch_size=4", f"model.merge_adapter={sft}")
   recs = _resumes_bit_identically(args, tmp_path)
+  from jaxlora_cli import trainer
+  art = trainer.load_run(str(tmp_path / "once"))
+  merged = jaxlora.merge(jaxlora.load(str(sft), jaxlora.models.from_pretrained(model_dir)[1]))
+  for a, b in zip(jax.tree.leaves(art.params), jax.tree.leaves(merged)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   steps = [r for r in recs if "loss" in r]
   evals = [r for r in recs if "eval_loss" in r]
   assert [r["step"] for r in steps] == [2, 4]

@@ -87,7 +87,8 @@ def test_demo_end_to_end(tmp_path):
   assert rl["eval_reward_before"] is not None and rl["steps"] == 3
   metrics = [json.loads(l) for l in open(tmp_path / "demo" / "grpo" / "metrics.jsonl")]
   assert any("rewards/jaxlora_cli.demo:char_match" in r for r in metrics)
-  tuned = jaxlora.load(str(tmp_path / "demo" / "grpo" / "adapter"), params)
+  # The GRPO adapter sits on the base with the SFT adapter merged in.
+  tuned = jaxlora.load(str(tmp_path / "demo" / "grpo" / "adapter"), jaxlora.merge(tree))
   gen = np.asarray(jaxlora.generate(model, tuned, ids, max_new_tokens=6))
   right = [tok.decode(g, skip_special_tokens=True).strip() == demo.rot13(w)
            for g, w in zip(gen, evals[:50])]

@@ -345,6 +345,23 @@ def test_dpo_run_logs_rewards_exports_and_resumes_bit_identically(model_dir, pai
   merged = jaxlora.merge(jaxlora.load(str(sft), jaxlora.models.from_pretrained(model_dir)[1]))
   for a, b in zip(jax.tree.leaves(art.params), jax.tree.leaves(merged)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Served in PEFT: the SFT and DPO adapters both active give the same logits.
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  import transformers
+  hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+  served = peft.PeftModel.from_pretrained(hf, str(trained_run / "adapter_peft"),
+                                          adapter_name="sft")
+  served.load_adapter(str(tmp_path / "once" / "adapter_peft"), adapter_name="dpo")
+  served.base_model.set_adapter(["sft", "dpo"])
+  ids = np.array([[1, 5, 9, 14, 3, 7, 22, 8]], np.int32)
+  with torch.no_grad():
+    want = served(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  got = jaxlora.apply(art.model.apply)({"params": art.tree}, ids)
+  assert any(float(np.abs(np.asarray(x)).max()) > 0  # the DPO adapter's B moved off zero
+             for p, x in jax.tree_util.tree_flatten_with_path(art.tree)[0]
+             if getattr(p[-1], "key", None) == "lora_b")
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
   steps = [r for r in recs if "loss" in r]
   evals = [r for r in recs if "eval_loss" in r]
   assert [r["step"] for r in steps] == [2, 4]

@@ -36,7 +36,7 @@ class Model(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.Dense(self.d, name="proj_in")(x)
-    body = nn.scan(nn.remat(Layer), variable_axes={"params": 0}, split_rngs={"params": True},
+    body = nn.scan(nn.remat(Layer), variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                    length=self.layers)
     x, _ = body(d=self.d, name="layers")(x, None)
     return nn.Dense(self.out, name="head")(x)

@@ -246,7 +246,8 @@ def _row_term(module, x, a, b, scale, ids):
   return y.reshape((rows,) + rest + b.shape[2:])
 
 
-def _make_interceptor(dropout: float, reached: set[str], adapter_ids=None):
+def _make_interceptor(dropout: float, reached: set[str], adapter_ids=None,
+                      wants_dropout: bool = False):
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
     whole = _method_handler(module, context.method_name)
@@ -270,6 +271,13 @@ def _make_interceptor(dropout: float, reached: set[str], adapter_ids=None):
     scale = jnp.asarray(module.get_variable("params", SCALE_KEY)).astype(dt)
     x = jnp.asarray(x).astype(dt)
     dropped = dropout > 0.0 and module.scope.has_rng("dropout")
+    if wants_dropout and not dropped:
+      # A lifted transform (nn.scan, nn.vmap) that does not pass the stream on would turn
+      # dropout off for these layers without a word.
+      raise InputError(f"LoRA dropout: the call passed a 'dropout' rng, but layer "
+                       f"'{_tree.join(module.path)}' does not see it; the nn.scan/nn.vmap "
+                       "around it must pass it on: split_rngs={'params': True, "
+                       "'dropout': True}.")
     if dropped:
       keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
@@ -299,7 +307,9 @@ def apply(apply_fn: Callable[..., Any], *, dropout: float = 0.0,
 
   Dropout on the LoRA input is active when the call provides a ``'dropout'``
   rng (``rngs={'dropout': key}``), as in training; without it (evaluation) the
-  LoRA input is used as is.
+  LoRA input is used as is. Layers inside ``nn.scan``/``nn.vmap`` see the rng
+  only if the transform passes it on (``split_rngs={'params': True, 'dropout':
+  True}``); otherwise the call raises rather than train without dropout.
 
   On an adapter bank (`jaxlora.stack`) the returned function takes
   ``adapter_ids=``, an int array ``(batch,)``: row ``i`` is computed with
@@ -341,7 +351,9 @@ def apply(apply_fn: Callable[..., Any], *, dropout: float = 0.0,
       if adapter_ids.ndim != 1 or not jnp.issubdtype(adapter_ids.dtype, jnp.integer):
         raise InputError(f"adapter_ids must be an integer array of shape (batch,), got "
                          f"{adapter_ids.dtype} {tuple(adapter_ids.shape)}.")
-    with nn.intercept_methods(_make_interceptor(dropout, reached, adapter_ids)):
+    rngs = kwargs.get("rngs")
+    wants = dropout > 0.0 and isinstance(rngs, Mapping) and rngs.get("dropout") is not None
+    with nn.intercept_methods(_make_interceptor(dropout, reached, adapter_ids, wants)):
       out = apply_fn(*args, **kwargs)
     variables = args[0] if args else kwargs.get("variables")
     if check_reached and "method" not in kwargs and isinstance(variables, Mapping):

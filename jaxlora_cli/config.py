@@ -536,6 +536,9 @@ def validate(cfg: Config) -> None:
                       "metrics.jsonl is the run's own record (loss.png, report.md, jaxlora "
                       f"plot, resuming); use report_to=[{','.join(cfg.report_to + ['jsonl'])}]")
   _check_objective(cfg)
+  if cfg.lora.init_from and cfg.data.adapter_field is not None:
+    raise ConfigError("lora.init_from starts one adapter from a saved one; data.adapter_field "
+                      "trains a bank of new ones: unset one of them")
   if cfg.data.adapter_field == "":
     raise ConfigError("config key 'data.adapter_field' is empty; name the column that holds "
                       "each row's adapter (e.g. data.adapter_field=task), or leave it unset")

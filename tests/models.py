@@ -66,7 +66,8 @@ class Stack(nn.Module):
   @nn.compact
   def __call__(self, tokens):
     x = nn.Embed(self.vocab, self.d, name="embed")(tokens)
-    body = nn.scan(nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True},
+    body = nn.scan(nn.remat(Block), variable_axes={"params": 0},
+                   split_rngs={"params": True, "dropout": True},
                    length=self.layers)
     x, _ = body(d=self.d, name="layers")(x, None)
     return nn.Dense(self.vocab, name="lm_head")(nn.LayerNorm(name="ln_f")(x))
@@ -88,6 +89,6 @@ class ScanDense(nn.Module):
   @nn.compact
   def __call__(self, x):
     body = nn.scan(nn.remat(_TanhLayer), variable_axes={"params": 0},
-                   split_rngs={"params": True}, length=self.layers)
+                   split_rngs={"params": True, "dropout": True}, length=self.layers)
     x, _ = body(d=self.d, name="layers")(x, None)
     return x

@@ -187,39 +187,48 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(model_dir, data_dir, tmp_p
   assert sorted(int(s) for s in os.listdir(out / "checkpoints") if s.isdigit())[-1] == 4
 
 
-def _cli(*args):
-  return subprocess.Popen([sys.executable, "-m", "jaxlora_cli", *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env={**os.environ, "XLA_FLAGS": ""})
+def _metrics(run):
+  return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical(model_dir, data_dir, tmp_path):
-  common = lambda out: _args(model_dir, data_dir / "pc.jsonl", out, "train.steps=16",
-                             "train.save_every=2")[1:]
-  ref = _cli("train", *common(tmp_path / "ref"))
-  _, err = ref.communicate(timeout=600)
-  assert ref.returncode == 0, err
-  proc = _cli("train", *common(tmp_path / "killed"))
+def test_sigkill_then_resume_is_bit_identical(model_dir, data_dir, trained_run, tmp_path,
+                                               capsys):
+  # The reference is the shared uninterrupted run; the same run is killed (SIGKILL, in a
+  # process of its own, with this process's XLA flags) after its checkpoint of step 4 and
+  # resumed here, where `trained_run` was trained.
+  args = _args(model_dir, data_dir / "pc.jsonl", tmp_path / "killed", *TRAINED_RUN_ARGS)
+  # Steps 5 and 6 wait 5 s each for their batch: the kill comes before the end (and before
+  # a checkpoint of step 6).
+  proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__),
+                                                        "multihost_train.py"), "4:5", *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   ckpts = tmp_path / "killed" / "checkpoints"
   import time
   deadline = time.time() + 300
-  while time.time() < deadline:  # kill once a few checkpoints exist, mid-run
-    if ckpts.exists() and len([s for s in os.listdir(ckpts) if s.isdigit()]) >= 2:
+  while time.time() < deadline and proc.poll() is None:  # kill once step 4 is checkpointed
+    if ckpts.exists() and "4" in os.listdir(ckpts):
       break
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
-  proc.wait(timeout=60)
-  assert proc.returncode == -signal.SIGKILL
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, err[-3000:]
   assert not (tmp_path / "killed" / "adapter").exists()
-  again = _cli("train", *common(tmp_path / "killed"))
-  _, err = again.communicate(timeout=600)
-  assert again.returncode == 0, err
-  assert "resuming" in err
+  assert max(int(s) for s in os.listdir(ckpts) if s.isdigit()) == 4
+  capsys.readouterr()
+  assert main(args) == 0
+  assert "from step 4" in capsys.readouterr().err
   model, params = jaxlora.models.from_pretrained(model_dir)
-  a = jaxlora.load(str(tmp_path / "ref" / "adapter"), params)
+  a = jaxlora.load(str(trained_run / "adapter"), params)
   b = jaxlora.load(str(tmp_path / "killed" / "adapter"), params)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+  # The losses logged before the kill and after the resume are the uninterrupted run's.
+  ref, got = _metrics(trained_run), _metrics(tmp_path / "killed")
+  key = lambda r: (r["step"], "loss" in r)
+  want = {key(r): (r.get("loss"), r.get("eval_loss")) for r in ref}
+  have = {key(r): (r.get("loss"), r.get("eval_loss")) for r in got}
+  assert sorted(have) == sorted(want) and have == want
 
 
 def test_module_entry_point_passes_the_exit_status(tmp_path):

@@ -62,7 +62,8 @@ def test_qlora_train_resume_eval_export(model_dir, data_dir, tmp_path, capsys):
   with torch.no_grad():
     got = hf(torch.tensor(ids)).logits.numpy()
   base = jax.jit(jaxlora.dequantize)(qparams)
-  want = jaxlora.apply(model.apply)({"params": jaxlora.combine(jaxlora.adapter(tree), base)}, ids)
+  want = jax.jit(jaxlora.apply(model.apply))(  # one program (op by op compiles each op)
+      {"params": jaxlora.combine(jaxlora.adapter(tree), base)}, ids)
   np.testing.assert_allclose(got, want, atol=1e-4)
   # ... with the adapter folded in: the exported q_proj is not the dequantized base's.
   base_q = np.asarray(base["layers"]["self_attn"]["q_proj"]["kernel"][0])

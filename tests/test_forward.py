@@ -208,6 +208,45 @@ def test_dropout_uses_the_dropout_rng():
                                 model.apply(jaxlora.merge(w0), x))
 
 
+class _Body(nn.Module):
+  """tanh(Dense) layers under an nn.scan that does not pass the dropout stream on."""
+
+  @nn.compact
+  def __call__(self, x):
+    scan = nn.scan(_Tanh, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+    return scan(name="layers")(x, None)[0]
+
+
+class _Tanh(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return jnp.tanh(nn.Dense(4, name="dense")(x)), None
+
+
+def test_dropout_reaches_scanned_layers_or_says_why_not():
+  """LoRA dropout inside nn.scan: the Decoder's layers draw masks (one key per layer); a scan
+  that does not pass the dropout stream on is an error naming the layer, not a silent no-op."""
+  model = jaxlora.models.Decoder(jaxlora.models.ModelConfig.tiny("llama"))
+  params = jaxlora.models.init(model, jax.random.key(0))
+  tree = randomize_adapters(jaxlora.wrap(params, rank=2, layout=model, key=jax.random.key(1)),
+                            jax.random.key(2))
+  ids = jnp.ones((2, 6), jnp.int32)
+  fwd = jaxlora.apply(model.apply, dropout=0.3)
+  a = fwd({"params": tree}, ids, rngs={"dropout": jax.random.key(0)})
+  b = fwd({"params": tree}, ids, rngs={"dropout": jax.random.key(1)})
+  plain = jaxlora.apply(model.apply)({"params": tree}, ids)
+  assert not np.allclose(a, b) and not np.allclose(a, plain)
+  np.testing.assert_array_equal(fwd({"params": tree}, ids), plain)  # no rng: evaluation
+
+  x = jnp.ones((3, 4))
+  bare = _Body()
+  variables = bare.init(jax.random.key(0), x)
+  w = jaxlora.wrap(variables, rank=2, targets=".*dense", key=jax.random.key(1),
+                   layout=jaxlora.trace_layout(bare.apply, variables, x))
+  with pytest.raises(ValueError, match=r"layer 'layers/dense' does not see it.*'dropout': True"):
+    jaxlora.apply(bare.apply, dropout=0.1)(w, x, rngs={"dropout": jax.random.key(0)})
+
+
 def test_dropout_rate_is_validated():
   with pytest.raises(ValueError, match="dropout"):
     jaxlora.apply(MLP().apply, dropout=1.0)

@@ -19,11 +19,10 @@ import pytest
 pytest.importorskip("transformers")
 
 import jaxlora  # noqa: E402
-from conftest import cli_args  # noqa: E402
-from jaxlora_cli.main import main  # noqa: E402
+from conftest import TRAINED_RUN_ARGS, cli_args  # noqa: E402
 
 HERE = os.path.dirname(__file__)
-STEPS = 10
+STEPS = 6  # trained_run's train.steps
 
 
 def _free_port() -> int:
@@ -32,10 +31,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(args, slow_after=-1):
+def _launch(args, slow_after="-1"):
   """Both processes of one job; returns their Popen objects."""
   port = _free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  # Four devices each, and otherwise this process's XLA flags (conftest's cheaper compiles).
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env = {**os.environ,
+         "XLA_FLAGS": " ".join(["--xla_force_host_platform_device_count=4", *flags])}
   return [subprocess.Popen(
       [sys.executable, os.path.join(HERE, "multihost_train.py"), str(slow_after), *args,
        "distributed.initialize=true", f"distributed.coordinator_address=localhost:{port}",
@@ -59,19 +62,20 @@ def _losses(run):
 @pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices, as in CI")
 def test_two_processes_train_get_killed_resume_and_match_one_process(model_dir, data_dir,
-                                                                     tmp_path):
-  args = lambda out: cli_args(model_dir, data_dir / "pc.jsonl", out, f"train.steps={STEPS}",
-                              "train.save_every=2", "data.eval_fraction=0.2",
-                              "train.grad_accum=2")[1:]
-  # The reference: this process, eight devices, the same global mesh (fsdp=8).
-  assert main(["train", *args(tmp_path / "one")]) == 0
+                                                                     trained_run, tmp_path):
+  # The reference is the shared `trained_run`: this process, eight devices, the same global
+  # mesh (fsdp=8), the same arguments (checkpoints at steps 4 and 6).
+  args = lambda out: cli_args(model_dir, data_dir / "pc.jsonl", out, *TRAINED_RUN_ARGS)[1:]
+  ref = trained_run
+  assert f"train.steps={STEPS}" in TRAINED_RUN_ARGS
 
   run = tmp_path / "two"
-  procs = _launch(["train", *args(run)], slow_after=4)
+  # Steps 5 and 6 wait 5 s each for their batch: the kill comes after step 4's checkpoint.
+  procs = _launch(["train", *args(run)], slow_after="4:5")
   ckpts = run / "checkpoints"
   deadline = time.time() + 240
   while time.time() < deadline and all(p.poll() is None for p in procs):
-    if ckpts.exists() and len([s for s in os.listdir(ckpts) if s.isdigit()]) >= 2:
+    if ckpts.exists() and "4" in os.listdir(ckpts):
       break
     time.sleep(0.05)
   for p in procs:
@@ -81,7 +85,7 @@ def test_two_processes_train_get_killed_resume_and_match_one_process(model_dir, 
     assert p.returncode == -signal.SIGKILL, "the job ended before it could be killed"
   assert not (run / "adapter").exists()
   killed_at = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
-  assert 2 <= killed_at < STEPS
+  assert killed_at == 4
 
   # Resume on another mesh (as on a recreated slice): tensor parallel over all eight devices,
   # so the batch is replicated and each process feeds all of its rows.
@@ -91,13 +95,13 @@ def test_two_processes_train_get_killed_resume_and_match_one_process(model_dir, 
   # Process 0 alone prints the result (gloo's connection notes aside).
   assert json.loads(out0[out0.index("{\n"):])["steps"] == STEPS and "{" not in out1
   steps, two_loss, two_eval = _losses(run)
-  _, one_loss, one_eval = _losses(tmp_path / "one")
-  assert steps == list(range(2, STEPS + 1, 2))
+  _, one_loss, one_eval = _losses(ref)
+  assert steps == list(range(2, STEPS + 1, 2)) and two_eval
   np.testing.assert_allclose(two_loss, one_loss, rtol=1e-5)
   np.testing.assert_allclose(two_eval, one_eval, rtol=1e-5)
 
   model, params = jaxlora.models.from_pretrained(model_dir)
-  one = jaxlora.adapter(jaxlora.load(str(tmp_path / "one" / "adapter"), params))
+  one = jaxlora.adapter(jaxlora.load(str(ref / "adapter"), params))
   two = jaxlora.adapter(jaxlora.load(str(run / "adapter"), params))
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(two)[0], jax.tree.leaves(one)):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -338,7 +338,7 @@ def test_dpo_run_logs_rewards_exports_and_resumes_bit_identically(model_dir, pai
   args = lambda out: cli_args(model_dir, pair_files / "pairs.jsonl", out,
                               "data.format=preference", "train.objective=dpo",
                               "data.eval_fraction=0.25", "train.grad_accum=2",
-                              "train.batch_size=4", f"model.merge_adapter={sft}")
+                              f"model.merge_adapter={sft}")
   recs = _resumes_bit_identically(args, tmp_path)
   from jaxlora_cli import trainer
   art = trainer.load_run(str(tmp_path / "once"))
@@ -365,7 +365,7 @@ def test_dpo_run_logs_rewards_exports_and_resumes_bit_identically(model_dir, pai
   steps = [r for r in recs if "loss" in r]
   evals = [r for r in recs if "eval_loss" in r]
   assert [r["step"] for r in steps] == [2, 4]
-  assert all(r["pairs"] == 8 and 0 <= r["rewards/accuracies"] <= 1 for r in steps)
+  assert all(r["pairs"] == 16 and 0 <= r["rewards/accuracies"] <= 1 for r in steps)
   assert evals[0]["eval_loss"] == pytest.approx(np.log(2), rel=1e-5)  # the adapter starts at 0
   assert evals[-1]["eval_rewards/margins"] > 0
   result = json.loads((tmp_path / "once" / "result.json").read_text())
@@ -378,7 +378,7 @@ def test_grpo_run_samples_scores_and_resumes_bit_identically(model_dir, pair_fil
                               "data.format=prompts", "train.objective=grpo",
                               "reward.fn=[exact_match,test_objectives:length_reward]",
                               "grpo.num_generations=4", "grpo.max_completion_length=6",
-                              "train.batch_size=2", "data.eval_fraction=0.2",
+                              "data.eval_fraction=0.2",
                               "train.eval_batches=1")
   recs = _resumes_bit_identically(args, tmp_path)
   steps = [r for r in recs if "loss" in r]
@@ -400,7 +400,7 @@ def test_a_failing_reward_stops_the_run_untouched(model_dir, pair_files, tmp_pat
   base = cli_args(model_dir, pair_files / "prompts.jsonl", out, "data.format=prompts",
                   "train.objective=grpo", "reward.fn=test_objectives:switchable_reward",
                   "grpo.num_generations=2", "grpo.max_completion_length=4",
-                  "train.batch_size=2", "train.save_every=1")
+                  "train.save_every=1")
   assert main([*base, "train.steps=1"]) == 0
   before = sorted(os.listdir(out / "checkpoints"))
   metrics = (out / "metrics.jsonl").read_text()

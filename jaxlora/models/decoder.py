@@ -432,7 +432,8 @@ class Decoder(nn.Module):
         raise InputError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)} or None.")
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
     stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
-                    split_rngs={"params": True},
+                    # LoRA dropout draws its masks inside the layers: one key per layer.
+                    split_rngs={"params": True, "dropout": True},
                     in_axes=(nn.broadcast, 0, 0), length=cfg.num_hidden_layers,
                     unroll=self.scan_unroll,
                     metadata_params={nn.PARTITION_NAME: "layers"})

@@ -162,11 +162,11 @@ def grpo_config(out_dir: str, steps: int, seed: int, **overrides):
           "reward.fn": ["exact_match", "jaxlora_cli.demo:char_match"],
           "reward.answer_field": "completion",
           "model.merge_adapter": os.path.join(out_dir, "run", "adapter"),
-          "grpo.num_generations": 8, "grpo.max_completion_length": 7,
+          "grpo.num_generations": 16, "grpo.max_completion_length": 7,
           # Sampling hotter than greedy makes mistakes to learn from: at 1.0 most groups of the
           # SFT model's answers are all right, and a group without spread has no advantage.
           "grpo.temperature": 1.5, "grpo.beta": 0.04,
-          "train.batch_size": 8, "train.lr": 2e-3, "train.warmup_steps": 0,
+          "train.batch_size": 16, "train.lr": 4e-3, "train.warmup_steps": 0,
           "train.save_every": 25, "train.log_every": 5, **overrides})
 
 

@@ -101,7 +101,7 @@ def run(out_dir: str = "runs/demo", steps: int = 800, seed: int = 0, progress: b
   log(f"base model, before fine-tuning: exact match {100 * acc_before:.1f}% on "
       f"{len(eval_words)} unseen words")
   result = trainer.train(cfg, progress=progress, log=log)
-  tree = jaxlora.load(os.path.join(cfg.output_dir, "adapter"), merged)
+  tree = jaxlora.load(os.path.join(cfg.output_dir, "adapter"), params)
   acc_after, after = exact_match(model, tree, tok, eval_words)
   _, merged = exact_match(model, jaxlora.merge(tree), tok, eval_words)
   agree = float(np.mean([a == m for a, m in zip(after, merged)]))

@@ -193,7 +193,7 @@ def test_chunked_cross_entropy_sum_reduction(tiny):
   mean = ce(model, params, h, labels, w, chunk_size=3)
   total = ce(model, params, h, labels, w, chunk_size=3, reduction="sum")
   np.testing.assert_allclose(float(total), float(mean) * float(w.sum()), rtol=1e-6)
-  with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'max'"):
+  with pytest.raises(ValueError, match="reduction must be 'mean', 'sum' or 'none', got 'max'"):
     ce(model, params, h, labels, w, reduction="max")
 
 

@@ -68,10 +68,9 @@ class GrpoObjective:
     return cls(g.beta, g.epsilon, g.epsilon_high, g.loss_type, g.max_completion_length)
 
 
-def completion_weights(ids_mask_targets: tuple[Any, Any, Any]) -> jax.Array:
-  """``(rows, seq - 1)``: 1 where position ``t + 1`` is a scored completion token."""
-  _, mask, targets = ids_mask_targets
-  return targets[:, 1:] * mask[:, 1:].astype(jnp.float32)
+def completion_weights(mask, targets) -> jax.Array:
+  """``(..., seq - 1)``: 1 where position ``t + 1`` is a scored completion token."""
+  return targets[..., 1:] * mask[..., 1:].astype(jnp.float32)
 
 
 def token_logprobs(fwd, model, params, ids, mask, weights, key, chunk_size: int) -> jax.Array:
@@ -95,18 +94,18 @@ def _pair_rows(mb) -> tuple[jax.Array, jax.Array, jax.Array]:
   return cat("input_ids"), cat("attention_mask"), cat("targets")
 
 
-def pair_counts(batch) -> tuple[jax.Array, jax.Array]:
-  """A step's (accum, pairs, seq) batch: the number of pairs and of chosen completion tokens.
+def pair_counts(batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A step's (accum, pairs, seq) batch: the number of pairs, of chosen completion tokens, and
+  of completion tokens on both sides.
 
   A pair counts when both sides have a scored token (padding rows of eval batches have none).
   """
-  chosen = jax.vmap(lambda ids, m, t: completion_weights((ids, m, t)))(
-      batch["input_ids"], batch["attention_mask"], batch["targets"]).sum(-1)
-  rejected = jax.vmap(lambda ids, m, t: completion_weights((ids, m, t)))(
-      batch["rejected_input_ids"], batch["rejected_attention_mask"],
-      batch["rejected_targets"]).sum(-1)
+  chosen = completion_weights(batch["attention_mask"], batch["targets"]).sum(-1)
+  rejected = completion_weights(batch["rejected_attention_mask"],
+                                batch["rejected_targets"]).sum(-1)
   valid = (chosen > 0) & (rejected > 0)
-  return jnp.sum(valid.astype(jnp.float32)), jnp.sum(jnp.where(valid, chosen, 0.0))
+  return (jnp.sum(valid.astype(jnp.float32)), jnp.sum(jnp.where(valid, chosen, 0.0)),
+          jnp.sum(chosen) + jnp.sum(rejected))
 
 
 def pair_loss(objective: PairObjective, fwd, model, params, mb, key, n_pairs, n_chosen_tokens, *,
@@ -117,7 +116,7 @@ def pair_loss(objective: PairObjective, fwd, model, params, mb, key, n_pairs, n_
   already divided by `n_pairs`, so micro-batches add up to the step's means.
   """
   ids, mask, targets = _pair_rows(mb)
-  w = completion_weights((ids, mask, targets))
+  w = completion_weights(mask, targets)
   b = mb["input_ids"].shape[0]
   tokens = w.sum(-1)
   valid = (tokens[:b] > 0) & (tokens[b:] > 0)
@@ -179,7 +178,7 @@ def make_pair_grads(model, objective: PairObjective, dropout: float = 0.0, *,
 
   def grads_fn(trainable, frozen, batch, key):
     keys = jax.random.split(key, batch["input_ids"].shape[0])
-    n_pairs, n_chosen = pair_counts(batch)
+    n_pairs, n_chosen, tokens = pair_counts(batch)
 
     def micro(carry, xs):
       g_acc, m_acc = carry
@@ -195,9 +194,6 @@ def make_pair_grads(model, objective: PairObjective, dropout: float = 0.0, *,
 
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     (g, m), _ = jax.lax.scan(micro, (zeros, _metric_zeros(objective)), (batch, keys))
-    tokens = sum(jax.vmap(lambda *a: completion_weights(a))(
-        batch[f"{p}input_ids"], batch[f"{p}attention_mask"], batch[f"{p}targets"]).sum()
-                 for p in ("", "rejected_"))
     return g, {**m, "tokens": tokens, "pairs": n_pairs}
 
   return grads_fn
@@ -220,7 +216,7 @@ def make_pair_eval(model, objective: PairObjective, place=None, *, loss_chunk_si
   @jax.jit
   def ev(trainable, frozen, batch):
     mb = jax.tree.map(lambda x: x[0], batch)
-    n_pairs, n_chosen = pair_counts(batch)
+    n_pairs, n_chosen, _ = pair_counts(batch)
     # Counted as one pair, the metrics come back as sums over the batch's pairs (ORPO's NLL:
     # the batch's token mean, weighted by its pairs).
     loss, m = pair_loss(objective, fwd, model, jaxlora.combine(trainable, frozen), mb, None,
@@ -260,8 +256,7 @@ def make_grpo_grads(model, objective: GrpoObjective, dropout: float = 0.0, *,
   def grads_fn(trainable, frozen, batch, key):
     accum = batch["input_ids"].shape[0]
     keys = jax.random.split(key, accum)
-    weights = jax.vmap(lambda *a: completion_weights(a))(
-        batch["input_ids"], batch["attention_mask"], batch["targets"])
+    weights = completion_weights(batch["attention_mask"], batch["targets"])
     n_tokens = weights.sum()
 
     def micro(carry, xs):
